@@ -1,0 +1,21 @@
+"""Shared pytest fixtures: where the golden fixtures live, and a scratch directory."""
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def golden_root() -> Path:
+    """The official-implementation fixtures: $OVI_DMD_GOLDEN, else ../shared/golden beside the repo."""
+    env = os.environ.get("OVI_DMD_GOLDEN")
+    return Path(env) if env else REPO.parent / "shared" / "golden"
+
+
+@pytest.fixture(scope="session")
+def golden() -> Path:
+    root = golden_root()
+    if not (root / "README.md").exists():
+        pytest.fail(f"golden fixtures not found at {root}; set OVI_DMD_GOLDEN to the shared/golden folder")
+    return root
