@@ -1,0 +1,180 @@
+"""The building blocks of one Ovi tower. Attribute names are the checkpoint's key names.
+
+Every parameter is owned by the module whose forward uses it, so DeepSpeed ZeRO-3 gathers it
+in that module's pre-forward hook (a parameter read from another module's forward would be an
+empty placeholder under ZeRO-3).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .rope import apply_rope
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """[B, N, heads, d] in and out; softmax scale 1/sqrt(d), no mask (Ovi attends to every row)."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, split: int | None) -> torch.Tensor:
+    """x·(1+scale)+shift with modulation [B, S, dim] over tokens [B, N, dim].
+
+    split None: S == 1 (one timestep for all tokens) or S == N (per token), plain broadcast.
+    split k: S == 2, image-to-video: the first k tokens (latent frame 0, t = 0) use segment 0,
+    the rest segment 1. Ovi materialises [B, N, 6, dim] per block; two segments cost a small
+    slice write instead.
+    """
+    if split is None:
+        return x * (1 + scale) + shift
+    out = x * (1 + scale[:, 1:]) + shift[:, 1:]
+    out[:, :split] = x[:, :split] * (1 + scale[:, :1]) + shift[:, :1]
+    return out
+
+
+def gate(y: torch.Tensor, g: torch.Tensor, split: int | None) -> torch.Tensor:
+    """y·gate with the same segment convention as `modulate`."""
+    if split is None:
+        return y * g
+    out = y * g[:, 1:]
+    out[:, :split] = y[:, :split] * g[:, :1]
+    return out
+
+
+class Rope:
+    """(cos, sin) tables for one modality's tokens; None disables rotation."""
+
+    def __init__(self, cos: torch.Tensor, sin: torch.Tensor):
+        self.cos, self.sin = cos, sin
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return apply_rope(x, self.cos, self.sin)
+
+
+class ChannelLastConv1d(nn.Conv1d):
+    """Conv1d over [B, L, C] tokens (Ovi keeps audio latents channel-last)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.transpose(1, 2)).transpose(1, 2)
+
+
+class ConvMLP(nn.Module):
+    """Gated conv MLP of the audio stem: w2(silu(w1 x) · w3 x), kernel 7, no biases."""
+
+    def __init__(self, dim: int, hidden: int, kernel: int = 7):
+        super().__init__()
+        pad = kernel // 2
+        self.w1 = nn.Conv1d(dim, hidden, kernel, padding=pad, bias=False)
+        self.w2 = nn.Conv1d(hidden, dim, kernel, padding=pad, bias=False)
+        self.w3 = nn.Conv1d(dim, hidden, kernel, padding=pad, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.transpose(1, 2)
+        return self.w2(F.silu(self.w1(x)) * self.w3(x)).transpose(1, 2)
+
+
+def conv_mlp_hidden(dim: int) -> int:
+    """Ovi: int(2·4·dim/3) rounded up to a multiple of 256 (8192 for dim 3072)."""
+    hidden = int(2 * 4 * dim / 3)
+    return 256 * ((hidden + 255) // 256)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, eps: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        # q/k RMSNorm runs over the full width, before the split into heads.
+        self.norm_q, self.norm_k = nn.RMSNorm(dim, eps=eps), nn.RMSNorm(dim, eps=eps)
+
+    def heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (self.num_heads, -1))
+
+    def forward(self, x: torch.Tensor, rope: Rope) -> torch.Tensor:
+        q = rope(self.heads(self.norm_q(self.q(x))))
+        k = rope(self.heads(self.norm_k(self.k(x))))
+        return self.o(attention(q, k, self.heads(self.v(x))).flatten(2))
+
+
+class FusedCrossAttention(nn.Module):
+    """Text cross-attention plus Ovi's cross-modal attention to the other tower.
+
+    The query and output projection are shared: the text attention uses q as is, the fusion
+    attention rotates q with this tower's positions and the other tower's keys with theirs;
+    the two results are summed per head before `o`.
+    """
+
+    def __init__(self, dim: int, num_heads: int, eps: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q, self.norm_k = nn.RMSNorm(dim, eps=eps), nn.RMSNorm(dim, eps=eps)
+        self.k_fusion, self.v_fusion = nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.pre_attn_norm_fusion = nn.LayerNorm(dim, eps=eps)
+        self.norm_k_fusion = nn.RMSNorm(dim, eps=eps)
+
+    def heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (self.num_heads, -1))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, other: torch.Tensor | None = None,
+                rope: Rope | None = None, other_rope: Rope | None = None) -> torch.Tensor:
+        q = self.heads(self.norm_q(self.q(x)))
+        out = attention(q, self.heads(self.norm_k(self.k(context))), self.heads(self.v(context)))
+        if other is not None:
+            other = self.pre_attn_norm_fusion(other)
+            k = other_rope(self.heads(self.norm_k_fusion(self.k_fusion(other))))
+            out = out + attention(rope(q), k, self.heads(self.v_fusion(other)))
+        return self.o(out.flatten(2))
+
+
+class Modulation(nn.Module):
+    """Holds the block's learned [1, 6, dim] modulation offset (checkpoint key `modulation.modulation`)."""
+
+    def __init__(self, dim: int, n: int = 6):
+        super().__init__()
+        self.modulation = nn.Parameter(torch.zeros(1, n, dim))
+
+    def forward(self, e0: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """e0 [B, S, 6, dim] -> six tensors [B, S, dim]: shift/scale/gate for attention, then FFN."""
+        return (self.modulation.unsqueeze(1) + e0).unbind(2)
+
+
+class FusionBlock(nn.Module):
+    """One tower's half of a fused block. The fused order lives in `ovi_fusion.fused_block`."""
+
+    def __init__(self, dim: int, ffn_dim: int, num_heads: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.self_attn = SelfAttention(dim, num_heads, eps)
+        self.norm3 = nn.LayerNorm(dim, eps=eps)
+        self.cross_attn = FusedCrossAttention(dim, num_heads, eps)
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
+        self.modulation = Modulation(dim)
+
+    def norm(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, x.shape[-1:], eps=self.eps)
+
+    def attend_self(self, x, mod, rope: Rope, split: int | None) -> torch.Tensor:
+        shift, scale, g = mod[0], mod[1], mod[2]
+        return x + gate(self.self_attn(modulate(self.norm(x), shift, scale, split), rope), g, split)
+
+    def attend_cross_and_ffn(self, x, mod, context, split: int | None, other=None, rope=None, other_rope=None) -> torch.Tensor:
+        x = x + self.cross_attn(self.norm3(x), context, other, rope, other_rope)
+        shift, scale, g = mod[3], mod[4], mod[5]
+        return x + gate(self.ffn(modulate(self.norm(x), shift, scale, split)), g, split)
+
+
+class Head(nn.Module):
+    """Final adaLN (shift/scale from the time embedding e, not e0) and projection."""
+
+    def __init__(self, dim: int, out_features: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.head = nn.Linear(dim, out_features)
+        self.modulation = nn.Parameter(torch.zeros(1, 2, dim))
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor, split: int | None) -> torch.Tensor:
+        shift, scale = (self.modulation.unsqueeze(1) + e.unsqueeze(2)).unbind(2)
+        return self.head(modulate(F.layer_norm(x, x.shape[-1:], eps=self.eps), shift, scale, split))
