@@ -6,17 +6,32 @@ empty placeholder under ZeRO-3).
 """
 from __future__ import annotations
 
+import os
+from types import SimpleNamespace
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .rope import apply_rope
+
+# cuDNN attention measured ~1.3x faster than the flash backend on H200 at Ovi's shapes
+# (spec/perf_eval.md §3.4); OVI_DMD_SDPA=default leaves PyTorch's own choice.
+_SDPA_PRIORITY = {
+    "cudnn": [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
+    "flash": [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
+}
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """[B, N, heads, d] in and out; softmax scale 1/sqrt(d), no mask (Ovi attends to every row)."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    return out.transpose(1, 2)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    priority = _SDPA_PRIORITY.get(os.environ.get("OVI_DMD_SDPA", "cudnn"))
+    if q.is_cuda and priority:
+        with sdpa_kernel(priority, set_priority=True):
+            return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, split: int | None) -> torch.Tensor:
@@ -43,14 +58,61 @@ def gate(y: torch.Tensor, g: torch.Tensor, split: int | None) -> torch.Tensor:
     return out
 
 
+def norm_modulate(x: torch.Tensor, shift, scale, split: int | None, eps: float) -> torch.Tensor:
+    """adaLN: non-affine LayerNorm, then modulate."""
+    return modulate(F.layer_norm(x, x.shape[-1:], eps=eps), shift, scale, split)
+
+
+def gated_residual(x: torch.Tensor, y: torch.Tensor, g, split: int | None) -> torch.Tensor:
+    return x + gate(y, g, split)
+
+
+def rms_norm_heads(x: torch.Tensor, weight: torch.Tensor, eps: float, num_heads: int,
+                   cos: torch.Tensor | None, sin: torch.Tensor | None) -> torch.Tensor:
+    """q/k RMSNorm over the full width (before the head split, as Ovi does), split, rotate."""
+    x = F.rms_norm(x, x.shape[-1:], weight, eps).unflatten(-1, (num_heads, -1))
+    return x if cos is None else apply_rope(x, cos, sin)
+
+
+# The element-wise steps between the matmuls, looked up at call time so that
+# `compile_elementwise_ops()` can swap in fused (torch.compile) versions on GPU.
+OPS = SimpleNamespace(norm_modulate=norm_modulate, gated_residual=gated_residual,
+                      rms_norm_heads=rms_norm_heads, rope=apply_rope)
+_EAGER = dict(vars(OPS))
+
+
+def compile_elementwise_ops(enabled: bool = True) -> None:
+    """Fuse each element-wise step (RoPE, q/k norm, adaLN modulate, gated residual) into single
+    kernels with torch.compile. Only these pure functions are compiled, so DeepSpeed ZeRO-3's
+    module hooks stay outside the graphs."""
+    # Static shapes give the best kernels; a run sees few shapes (one bucket: video, audio, text).
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    for name, fn in _EAGER.items():
+        setattr(OPS, name, torch.compile(fn, dynamic=False) if enabled else fn)
+
+
 class Rope:
-    """(cos, sin) tables for one modality's tokens; None disables rotation."""
+    """(cos, sin) tables [N, 1, head_dim/2] for one modality's tokens."""
 
     def __init__(self, cos: torch.Tensor, sin: torch.Tensor):
         self.cos, self.sin = cos, sin
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return apply_rope(x, self.cos, self.sin)
+        return OPS.rope(x, self.cos, self.sin)
+
+
+class HeadNorm(nn.Module):
+    """RMSNorm over the full width with a learned `weight` (checkpoint key `norm_q.weight` etc.),
+    fused with the split into heads and the optional rotation."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float):
+        super().__init__()
+        self.num_heads, self.eps = num_heads, eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor, rope: Rope | None = None) -> torch.Tensor:
+        cos, sin = (rope.cos, rope.sin) if rope is not None else (None, None)
+        return OPS.rms_norm_heads(x, self.weight, self.eps, self.num_heads, cos, sin)
 
 
 class ChannelLastConv1d(nn.Conv1d):
@@ -86,15 +148,13 @@ class SelfAttention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
-        # q/k RMSNorm runs over the full width, before the split into heads.
-        self.norm_q, self.norm_k = nn.RMSNorm(dim, eps=eps), nn.RMSNorm(dim, eps=eps)
+        self.norm_q, self.norm_k = HeadNorm(dim, num_heads, eps), HeadNorm(dim, num_heads, eps)
 
     def heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(-1, (self.num_heads, -1))
 
     def forward(self, x: torch.Tensor, rope: Rope) -> torch.Tensor:
-        q = rope(self.heads(self.norm_q(self.q(x))))
-        k = rope(self.heads(self.norm_k(self.k(x))))
+        q, k = self.norm_q(self.q(x), rope), self.norm_k(self.k(x), rope)
         return self.o(attention(q, k, self.heads(self.v(x))).flatten(2))
 
 
@@ -110,21 +170,21 @@ class FusedCrossAttention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
-        self.norm_q, self.norm_k = nn.RMSNorm(dim, eps=eps), nn.RMSNorm(dim, eps=eps)
+        self.norm_q, self.norm_k = HeadNorm(dim, num_heads, eps), HeadNorm(dim, num_heads, eps)
         self.k_fusion, self.v_fusion = nn.Linear(dim, dim), nn.Linear(dim, dim)
         self.pre_attn_norm_fusion = nn.LayerNorm(dim, eps=eps)
-        self.norm_k_fusion = nn.RMSNorm(dim, eps=eps)
+        self.norm_k_fusion = HeadNorm(dim, num_heads, eps)
 
     def heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(-1, (self.num_heads, -1))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, other: torch.Tensor | None = None,
                 rope: Rope | None = None, other_rope: Rope | None = None) -> torch.Tensor:
-        q = self.heads(self.norm_q(self.q(x)))
-        out = attention(q, self.heads(self.norm_k(self.k(context))), self.heads(self.v(context)))
+        q = self.norm_q(self.q(x))
+        out = attention(q, self.norm_k(self.k(context)), self.heads(self.v(context)))
         if other is not None:
             other = self.pre_attn_norm_fusion(other)
-            k = other_rope(self.heads(self.norm_k_fusion(self.k_fusion(other))))
+            k = self.norm_k_fusion(self.k_fusion(other), other_rope)
             out = out + attention(rope(q), k, self.heads(self.v_fusion(other)))
         return self.o(out.flatten(2))
 
@@ -153,17 +213,16 @@ class FusionBlock(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
         self.modulation = Modulation(dim)
 
-    def norm(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, x.shape[-1:], eps=self.eps)
-
     def attend_self(self, x, mod, rope: Rope, split: int | None) -> torch.Tensor:
         shift, scale, g = mod[0], mod[1], mod[2]
-        return x + gate(self.self_attn(modulate(self.norm(x), shift, scale, split), rope), g, split)
+        y = self.self_attn(OPS.norm_modulate(x, shift, scale, split, self.eps), rope)
+        return OPS.gated_residual(x, y, g, split)
 
     def attend_cross_and_ffn(self, x, mod, context, split: int | None, other=None, rope=None, other_rope=None) -> torch.Tensor:
         x = x + self.cross_attn(self.norm3(x), context, other, rope, other_rope)
         shift, scale, g = mod[3], mod[4], mod[5]
-        return x + gate(self.ffn(modulate(self.norm(x), shift, scale, split)), g, split)
+        y = self.ffn(OPS.norm_modulate(x, shift, scale, split, self.eps))
+        return OPS.gated_residual(x, y, g, split)
 
 
 class Head(nn.Module):
@@ -177,4 +236,4 @@ class Head(nn.Module):
 
     def forward(self, x: torch.Tensor, e: torch.Tensor, split: int | None) -> torch.Tensor:
         shift, scale = (self.modulation.unsqueeze(1) + e.unsqueeze(2)).unbind(2)
-        return self.head(modulate(F.layer_norm(x, x.shape[-1:], eps=self.eps), shift, scale, split))
+        return self.head(OPS.norm_modulate(x, shift, scale, split, self.eps))

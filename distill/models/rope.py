@@ -54,24 +54,16 @@ def _tables(kind: str, head_dim: int, grid: tuple[int, ...], scale: float, devic
     if any(g > MAX_POSITIONS for g in grid):
         raise ValueError(f"RoPE grid {grid} exceeds Ovi's {MAX_POSITIONS} positions")
     angles = video_angles(head_dim, *grid) if kind == "video" else audio_angles(head_dim, grid[0], scale)
-    # One value per real element: pair j's angle repeated for elements 2j and 2j+1.
-    angles = angles.repeat_interleave(2, dim=1)
     cos, sin = angles.cos().float(), angles.sin().float()
-    return cos[:, None, :].to(device), sin[:, None, :].to(device)  # [N, 1, head_dim]: broadcast over heads
+    return cos[:, None, :].to(device), sin[:, None, :].to(device)  # [N, 1, head_dim/2]: broadcast over heads
 
 
 def rope_tables(kind: str, head_dim: int, grid: tuple[int, ...], device, scale: float = 1.0):
-    """Cached (cos, sin) float32 tables of shape [N, 1, head_dim] for tokens [B, N, heads, head_dim]."""
+    """Cached (cos, sin) float32 tables of shape [N, 1, head_dim/2] for tokens [B, N, heads, head_dim]."""
     return _tables(kind, head_dim, tuple(int(g) for g in grid), float(scale), str(torch.device(device)))
 
 
-def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
-    """(x0, x1) -> (-x1, x0) for every adjacent pair: multiplication by i."""
-    pairs = x.unflatten(-1, (-1, 2))
-    return torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
-
-
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x·e^{iθ} per pair, computed in float32 and returned in x's dtype."""
-    xf = x.float()
-    return (xf * cos + rotate_pairs(xf) * sin).to(x.dtype)
+    """(x0 + i·x1)·e^{iθ} for every adjacent pair, in float32, returned in x's dtype."""
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).to(x.dtype)
