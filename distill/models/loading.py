@@ -19,11 +19,9 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from precompute.checkpoints import CheckpointError
+
 FLOAT_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that does not match the model; the message names the file and the key."""
 
 
 def read_header(path: str | os.PathLike) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -90,14 +88,26 @@ def load_ovi_checkpoint(model: nn.Module, path, dtype: torch.dtype | None = None
     return model
 
 
-def load_ovi_checkpoint_zero3(model: nn.Module, path, rank: int | None = None) -> nn.Module:
-    """Strict load into a model built under `deepspeed.zero.Init`, one parameter at a time.
-
-    Every rank checks the header (cheap, no tensor data) so a bad file fails on all ranks alike;
-    only rank 0 reads tensors, and `GatheredParameters(modifier_rank=0)` broadcasts and
-    re-partitions each one (modifier_rank=None would silently drop the write).
-    """
+def load_state_zero3(model: nn.Module, get_tensor, rank: int | None = None) -> nn.Module:
+    """Fill a model built under `deepspeed.zero.Init` one parameter at a time: each is gathered,
+    written on rank 0 from `get_tensor(key)` (called on rank 0 only), then broadcast and
+    re-partitioned by `GatheredParameters(modifier_rank=0)` (modifier_rank=None would silently
+    drop the write)."""
     import deepspeed
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if rank is None else rank
+    for key, param in model.named_parameters():
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+            if rank == 0:
+                param.data.copy_(get_tensor(key).to(param.dtype))
+    return model
+
+
+def load_ovi_checkpoint_zero3(model: nn.Module, path, rank: int | None = None) -> nn.Module:
+    """Strict load of an official checkpoint into a ZeRO-3 partitioned model. Every rank checks
+    the header (cheap, no tensor data) so a bad file fails on all ranks alike; only rank 0
+    reads tensors, from the memory-mapped file."""
     import torch.distributed as dist
 
     rank = dist.get_rank() if rank is None else rank
@@ -105,13 +115,9 @@ def load_ovi_checkpoint_zero3(model: nn.Module, path, rank: int | None = None) -
     check_header(path, header, expected_entries(model))
     handle = safe_open(str(path), framework="pt", device="cpu") if rank == 0 else None
     try:
-        for key, param in model.named_parameters():
-            with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
-                if rank == 0:
-                    param.data.copy_(handle.get_tensor(key).to(param.dtype))
+        return load_state_zero3(model, lambda key: handle.get_tensor(key), rank)
     finally:
         del handle
-    return model
 
 
 def save_ovi_checkpoint(state: dict[str, torch.Tensor], path, dtype: torch.dtype = torch.bfloat16,

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from precompute.encoders.mmaudio_vae import check_state_dict, read_checkpoint
+from precompute.checkpoints import check_state_dict, read_torch_state_dict
 
 SNAKE_EPS = 1e-9
 ALIAS_FREE_RATIO = 2
@@ -211,7 +211,7 @@ class Vocoder(nn.Module):
     ) -> "Vocoder":
         """Strictly load a weight-normed (checkpoint-format) state dict, fold it in float32, cast."""
         naming = "parametrized" if any(PARAM_G in k or PARAM_V in k for k in state) else "legacy"
-        check_state_dict(state, checkpoint_template(cfg, naming), source, model=f"the BigVGAN vocoder {cfg}")
+        check_state_dict(state, checkpoint_template(cfg, naming), source, what=f"the BigVGAN vocoder {cfg}")
         with torch.device("meta"):
             model = cls(cfg)
         model.load_state_dict(fold_weight_norm(state), strict=True, assign=True)
@@ -226,7 +226,7 @@ class Vocoder(nn.Module):
         cfg: VocoderConfig = VocoderConfig(),
     ) -> "Vocoder":
         """Load the official `best_netG.pt` ({'generator': state_dict})."""
-        state = read_checkpoint(path, nested_key="generator")
+        state = read_torch_state_dict(path, what="BigVGAN checkpoint", nested_key="generator")
         return cls.from_state_dict(state, cfg, source=str(path), device=device, dtype=dtype)
 
     @classmethod

@@ -10,7 +10,6 @@ conv weight is baked once (`bake_mp_weight`, the official `remove_weight_norm()`
 """
 from __future__ import annotations
 
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, NamedTuple
@@ -18,6 +17,7 @@ from typing import Mapping, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from precompute.checkpoints import CheckpointError, check_state_dict, read_torch_state_dict  # noqa: F401 (re-export)
 from precompute.encoders.mel import LogMel, MelConfig, num_mel_frames
 from precompute.encoders.mmaudio_modules import Decoder1D, Encoder1D, MPConv1D, bake_mp_weight
 
@@ -43,59 +43,6 @@ def num_latent_frames(num_samples: int, mel_cfg: MelConfig = MelConfig()) -> int
 
 # ---------------------------------------------------------------------------------------------
 # Checkpoint reading and checking (shared with bigvgan.py).
-
-class CheckpointError(ValueError):
-    """A checkpoint file that is unreadable or does not match the model; the message names it."""
-
-
-def read_checkpoint(path: str | Path, nested_key: str | None = None) -> dict[str, Tensor]:
-    """torch.load(weights_only=True) a state dict, optionally stored under `nested_key`."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        # mmap keeps a large zip-format file out of RAM until its tensors are copied
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except Exception as e:  # truncated zip, bad pickle, foreign format: all the same to the caller
-        raise CheckpointError(f"{path}: cannot read checkpoint (truncated or corrupt?): {type(e).__name__}: {e}") from e
-    if nested_key is not None:
-        if not isinstance(obj, Mapping) or nested_key not in obj:
-            found = sorted(obj)[:8] if isinstance(obj, Mapping) else type(obj).__name__
-            raise CheckpointError(f"{path}: expected the state dict under key '{nested_key}', found {found}")
-        obj = obj[nested_key]
-    if not isinstance(obj, Mapping):
-        raise CheckpointError(f"{path}: expected a state dict, found {type(obj).__name__}")
-    bad = [k for k, v in obj.items() if not isinstance(v, Tensor)]
-    if bad:
-        raise CheckpointError(f"{path}: entries that are not tensors: {bad[:8]}")
-    return dict(obj)
-
-
-def check_state_dict(
-    state: Mapping[str, Tensor], expected: Mapping[str, Tensor], source: str, model: str = "the model"
-) -> None:
-    """Raise CheckpointError listing every missing/unexpected key and every shape/dtype mismatch.
-
-    `expected` maps names to tensors (meta tensors are fine) whose shape and dtype are the contract.
-    """
-    problems: list[str] = []
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    if missing:
-        problems.append(f"missing keys ({len(missing)}): {missing[:8]}")
-    if unexpected:
-        problems.append(f"unexpected keys ({len(unexpected)}): {unexpected[:8]}")
-    for k, ref in expected.items():
-        got = state.get(k)
-        if got is None:
-            continue
-        if got.shape != ref.shape:
-            problems.append(f"key '{k}': shape {tuple(got.shape)}, expected {tuple(ref.shape)}")
-        elif got.dtype != ref.dtype:
-            problems.append(f"key '{k}': dtype {got.dtype}, expected {ref.dtype}")
-    if problems:
-        raise CheckpointError(f"{source}: checkpoint does not match {model}:\n  " + "\n  ".join(problems))
-
 
 # ---------------------------------------------------------------------------------------------
 # The network, with the official key names.
@@ -172,7 +119,7 @@ class AudioVAE(nn.Module):
         dtype: torch.dtype = torch.float32,
     ) -> "AudioVAE":
         """Strictly load raw (checkpoint-format) weights, bake them in float32, then cast."""
-        check_state_dict(state, checkpoint_template(cfg), source, model=f"the MMAudio VAE {cfg}")
+        check_state_dict(state, checkpoint_template(cfg), source, what=f"the MMAudio VAE {cfg}")
         with torch.device("meta"):
             vae = MMAudioVAE(cfg)
         vae.load_state_dict({k: v.clone() for k, v in state.items()}, strict=True, assign=True)
@@ -188,7 +135,7 @@ class AudioVAE(nn.Module):
         cfg: VAEConfig = VAEConfig(),
     ) -> "AudioVAE":
         """Load the official `v1-16.pth` (a plain state dict)."""
-        return cls.from_state_dict(read_checkpoint(path), cfg, source=str(path), device=device, dtype=dtype)
+        return cls.from_state_dict(read_torch_state_dict(path, what="MMAudio VAE checkpoint"), cfg, source=str(path), device=device, dtype=dtype)
 
     @classmethod
     def tiny(cls, seed: int = 0, cfg: VAEConfig = TINY_VAE) -> "AudioVAE":

@@ -23,6 +23,8 @@ import torch
 from torch import Tensor
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, UMT5Config, UMT5EncoderModel
 
+from precompute.checkpoints import preview, check_state_dict, read_torch_state_dict
+
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 TIED_EMBEDDING_KEY = "encoder.embed_tokens.weight"  # the same tensor as shared.weight
 
@@ -116,7 +118,7 @@ def convert_wan_state_dict(wan_state: Mapping[str, Tensor], source: str | Path) 
     """
     unknown = [key for key in wan_state if wan_key_to_hf(key) is None]
     if unknown:
-        raise ValueError(f"{source}: unexpected key(s) for Wan's umT5 encoder: {_preview(unknown)}")
+        raise ValueError(f"{source}: unexpected key(s) for Wan's umT5 encoder: {preview(unknown)}")
     hf_state = {wan_key_to_hf(key): tensor for key, tensor in wan_state.items()}
     if "shared.weight" in hf_state:
         hf_state[TIED_EMBEDDING_KEY] = hf_state["shared.weight"]
@@ -145,53 +147,6 @@ def wan_expected_shapes(config: UMT5EncoderConfig) -> dict[str, tuple[int, ...]]
     return shapes
 
 
-def check_state_dict(state: Mapping[str, object], expected: Mapping[str, Sequence[int]],
-                     source: str | Path) -> None:
-    """Strict key and shape check; errors name the key(s) and `source`."""
-    missing = [key for key in expected if key not in state]
-    unexpected = [key for key in state if key not in expected]
-    if missing:
-        raise ValueError(f"{source}: missing key(s): {_preview(missing)}")
-    if unexpected:
-        raise ValueError(f"{source}: unexpected key(s): {_preview(unexpected)}")
-    for key, tensor in state.items():
-        if not isinstance(tensor, Tensor):
-            raise ValueError(f"{source}: {key} is a {type(tensor).__name__}, not a tensor")
-        if tuple(tensor.shape) != tuple(expected[key]):
-            raise ValueError(
-                f"{source}: {key} has shape {tuple(tensor.shape)}, the model expects {tuple(expected[key])}"
-            )
-
-
-def _preview(keys: Sequence[str], limit: int = 8) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f" … ({len(keys)} in all)" if len(keys) > limit else "")
-
-
-def _read_torch_state_dict(path: Path) -> dict[str, Tensor]:
-    if not path.is_file():
-        raise FileNotFoundError(f"umT5 checkpoint not found: {path}")
-    try:
-        # mmap: the 11 GB bf16 file is paged in as the weights are used, never held twice in RAM.
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as err:
-        if "mmap" not in str(err):  # only the pre-1.6 (non-zip) format refuses mmap
-            raise ValueError(f"{path}: cannot read the checkpoint (truncated or corrupt?): {err}") from err
-        state = _torch_load_no_mmap(path)
-    except Exception as err:
-        raise ValueError(f"{path}: cannot read the checkpoint (truncated or corrupt?): {err}") from err
-    if not isinstance(state, Mapping):
-        raise ValueError(f"{path}: expected a plain state dict (key -> tensor), got {type(state).__name__}")
-    return dict(state)
-
-
-def _torch_load_no_mmap(path: Path) -> dict[str, Tensor]:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"{path}: cannot read the checkpoint (truncated or corrupt?): {err}") from err
-
-
 def load_wan_checkpoint(path: str | Path, config: UMT5EncoderConfig = UMT5_XXL,
                         dtype: torch.dtype | None = None) -> UMT5EncoderModel:
     """Wan's `models_t5_umt5-xxl-enc-bf16.pth` (or any T5Encoder state dict of shape `config`).
@@ -200,8 +155,8 @@ def load_wan_checkpoint(path: str | Path, config: UMT5EncoderConfig = UMT5_XXL,
     only copy of the weights is the (memory-mapped) file's, or one cast copy when `dtype` differs.
     """
     path = Path(path)
-    wan_state = _read_torch_state_dict(path)
-    check_state_dict(wan_state, wan_expected_shapes(config), path)  # errors in the file's own key names
+    wan_state = read_torch_state_dict(path, what="umT5 checkpoint")
+    check_state_dict(wan_state, wan_expected_shapes(config), path, what="Wan's umT5 encoder")  # errors in the file's own key names
     hf_state = convert_wan_state_dict(wan_state, path)
     model = build_encoder_model(config, device="meta")
     if dtype is not None:
@@ -242,7 +197,7 @@ def load_hf_folder(folder: str | Path, dtype: torch.dtype | None = None) -> UMT5
     mismatched = sorted(f"{key} (file {tuple(got)}, model {tuple(want)})" for key, got, want in info["mismatched_keys"])
     for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrongly shaped", mismatched)):
         if keys:
-            raise ValueError(f"{folder}: {what} key(s): {_preview(keys)}")
+            raise ValueError(f"{folder}: {what} key(s): {preview(keys)}")
     return model.eval()
 
 

@@ -16,11 +16,11 @@ Normalisation always runs in float32, whatever dtype the model runs in (Ovi runs
 """
 from __future__ import annotations
 
-import zipfile
 from pathlib import Path
 
 import torch
 
+from precompute.checkpoints import CheckpointError, check_state_dict, read_torch_state_dict  # noqa: F401 (re-export)
 from precompute.encoders.wan_vae_modules import RGB_CHANNELS, WanVAEConfig, WanVAEModel
 
 # Per-channel statistics of the raw posterior mean (Wan2_2_VAE.__init__; identical in Ovi).
@@ -37,10 +37,6 @@ LATENT_STD_48 = (
     0.5726, 1.2042, 0.5458, 1.6887, 0.3971, 1.0600, 0.3943, 0.5537, 0.5444, 0.4089, 0.7468, 0.7744,
 )
 CHECKPOINT_NAME = "Wan2.2_VAE.pth"
-
-
-class CheckpointError(ValueError):
-    """A VAE checkpoint file that is unreadable or does not match the model; names file and keys."""
 
 
 def latent_constants(device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,47 +56,6 @@ def denormalize_latent(z: torch.Tensor, mean: torch.Tensor, inv_std: torch.Tenso
 
 
 # ----------------------------------------------------------------------------- checkpoint
-
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Load a plain tensor state dict with `weights_only=True`; any failure names the file."""
-    if not path.is_file():
-        raise FileNotFoundError(f"Wan2.2 VAE checkpoint not found: {path}")
-    try:
-        # mmap keeps the 2.8 GB fp32 file out of RAM until the tensors are moved; zip format only
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except Exception as err:
-        raise CheckpointError(f"{path}: cannot read as a torch state dict (truncated or corrupt?): "
-                              f"{type(err).__name__}: {err}") from err
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path}: expected a plain state dict, got {type(state).__name__}")
-    not_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
-    if not_tensors:
-        raise CheckpointError(f"{path}: entries that are not tensors (a wrapped checkpoint?): {not_tensors[:5]}")
-    return state
-
-
-def check_state_dict(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], source: str,
-                     shown: int = 8) -> None:
-    """Raise CheckpointError naming `source` and the keys that are missing, unexpected, or of wrong shape/dtype."""
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    mismatched = []
-    for key, ref in expected.items():
-        got = state.get(key)
-        if got is not None and got.shape != ref.shape:
-            mismatched.append(f"{key}: shape {list(got.shape)}, expected {list(ref.shape)}")
-        elif got is not None and got.dtype != ref.dtype:
-            mismatched.append(f"{key}: dtype {got.dtype}, expected {ref.dtype}")
-    problems = []
-    if missing:
-        problems.append(f"missing keys ({len(missing)}): {missing[:shown]}")
-    if unexpected:
-        problems.append(f"unexpected keys ({len(unexpected)}): {unexpected[:shown]}")
-    if mismatched:
-        problems.append(f"wrong shape or dtype ({len(mismatched)}):\n    " + "\n    ".join(mismatched[:shown]))
-    if problems:
-        raise CheckpointError(f"{source}: not a Wan2.2 VAE checkpoint for this config:\n  " + "\n  ".join(problems))
-
 
 def build_on_meta(config: WanVAEConfig) -> WanVAEModel:
     with torch.device("meta"):
@@ -148,9 +103,9 @@ class WanVideoVAE:
                   config: WanVAEConfig = WanVAEConfig()) -> WanVideoVAE:
         """Load the official `Wan2.2_VAE.pth` (plain float32 state dict) strictly; errors name file and keys."""
         path = Path(path)
-        state = read_state_dict(path)
+        state = read_torch_state_dict(path, what="Wan2.2 VAE checkpoint")
         model = build_on_meta(config)
-        check_state_dict(state, model.state_dict(), str(path))
+        check_state_dict(state, model.state_dict(), str(path), what="the Wan2.2 VAE for this config")
         model.load_state_dict(state, strict=True, assign=True)
         return cls(model.to(device=device, dtype=dtype))
 
