@@ -1,0 +1,141 @@
+"""The three DeepSpeed ZeRO-3 engines of DMD, built in one place (the trainer only uses them):
+
+    generator   trained, AdamW, activation checkpointing, fp32 EMA on its local shards
+    fake_score  trained, AdamW, activation checkpointing
+    teacher     frozen, ZeRO-3 without optimizer (parameter partitioning only), eval, no grads
+
+All three start from the same weights: the official Ovi checkpoint, or the seeded `tiny` init.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.utils import safe_get_local_fp32_param
+
+from .config import OptimConfig, TrainConfig
+from .models import OviFusion, variant_config
+from .models.layers import compile_elementwise_ops
+from .models.loading import load_ovi_checkpoint_zero3, load_state_zero3
+
+FUSION_PARAM_MARKERS = ("k_fusion", "v_fusion", "pre_attn_norm_fusion", "norm_k_fusion")
+
+
+def engine_configs(ds_config: dict, cfg: TrainConfig) -> dict[str, dict]:
+    """Per-engine DeepSpeed configs derived from the user's ZeRO-3 JSON: each trained engine
+    gets its own AdamW and clipping; the teacher gets no optimizer at all."""
+    zero = ds_config.get("zero_optimization", {})
+    if zero.get("stage") != 3:
+        raise ValueError(f"the DeepSpeed config must use zero_optimization.stage 3 (got {zero.get('stage')})")
+    base = {k: v for k, v in ds_config.items() if k not in ("optimizer", "scheduler", "gradient_clipping")}
+    base["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
+    base["gradient_accumulation_steps"] = 1
+    base.pop("train_batch_size", None)
+    adam_extra = ds_config.get("optimizer", {}).get("params", {})
+
+    def trained(optim: OptimConfig) -> dict:
+        out = copy.deepcopy(base)
+        out["gradient_clipping"] = optim.grad_clip
+        out["optimizer"] = {"type": "AdamW", "params": {
+            **adam_extra, "lr": optim.lr, "betas": list(optim.betas), "eps": optim.eps, "weight_decay": optim.weight_decay}}
+        return out
+
+    return {"generator": trained(cfg.generator_optim), "fake_score": trained(cfg.critic_optim), "teacher": copy.deepcopy(base)}
+
+
+def param_groups(model: torch.nn.Module, optim: OptimConfig) -> list[dict]:
+    """Video tower, audio tower and fusion parameters as separate groups with their own lr."""
+    groups = {"video": [], "audio": [], "fusion": []}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        part = "fusion" if any(m in name for m in FUSION_PARAM_MARKERS) else name.split("_model.")[0]
+        groups[part].append(p)
+    scale = {"video": optim.lr_scale_video, "audio": optim.lr_scale_audio, "fusion": optim.lr_scale_fusion}
+    return [{"params": ps, "lr": optim.lr * scale[part], "name": part} for part, ps in groups.items() if ps]
+
+
+def _build_model(cfg: TrainConfig, ds_cfg: dict) -> OviFusion:
+    with deepspeed.zero.Init(config_dict_or_path=ds_cfg):
+        model = OviFusion(variant_config(cfg.model.variant))
+    if cfg.model.checkpoint:
+        load_ovi_checkpoint_zero3(model, cfg.model.checkpoint)
+    else:  # tiny: every rank builds the same seeded state; rank 0's copy is broadcast into the shards
+        source = OviFusion.from_variant(cfg.model.variant, seed=cfg.model.init_seed).state_dict()
+        load_state_zero3(model, source.__getitem__)
+    return model
+
+
+class FP32ShardEMA:
+    """EMA of the generator kept in fp32 on each rank's own slice of the master weights.
+
+    No communication: `safe_get_local_fp32_param` is a view of this rank's partition of the
+    optimizer's fp32 weights. (Gathering parameters without modifier_rank and writing them,
+    the common pattern, is silently discarded under ZeRO-3: spec/deepspeed.md §10 pitfall 1.)
+    """
+
+    def __init__(self, engine, decay: float, start_step: int):
+        self.engine, self.decay, self.start_step = engine, decay, start_step
+        self.names = [n for n, p in engine.module.named_parameters() if p.requires_grad]
+        self.shards = [t.detach().clone() for t in self._local()]
+
+    def _local(self) -> list[torch.Tensor]:
+        return [safe_get_local_fp32_param(p) for p in self.engine.module.parameters() if p.requires_grad]
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        """Call after each generator update with the training step (Self-Forcing: decay 0.99 from step 200)."""
+        current = self._local()
+        if step < self.start_step:
+            torch._foreach_copy_(self.shards, current)        # track exactly until the EMA starts
+        else:
+            torch._foreach_lerp_(self.shards, current, 1.0 - self.decay)
+
+    def state_dict(self) -> dict:
+        params = [p for p in self.engine.module.parameters() if p.requires_grad]
+        return {"names": self.names, "shards": [s.cpu() for s in self.shards],
+                "numel": [p.ds_numel for p in params], "shape": [list(p.ds_shape) for p in params],
+                "rank": dist.get_rank(), "world": dist.get_world_size(), "decay": self.decay}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["names"] != self.names or state["world"] != dist.get_world_size():
+            raise ValueError("EMA shards were saved with another model or world size")
+        for dst, src in zip(self.shards, state["shards"]):
+            dst.copy_(src)
+
+
+@dataclass
+class Engines:
+    generator: object
+    fake_score: object | None
+    teacher: object | None
+    ema: FP32ShardEMA | None
+
+
+def build_engines(cfg: TrainConfig, ds_config: dict) -> Engines:
+    """Teacher first (frozen), then the trained engines. For `objective: flow` only one trained
+    engine (in the generator slot) is built."""
+    use_compile = cfg.model.compile_elementwise
+    if use_compile if use_compile is not None else torch.cuda.is_available():
+        compile_elementwise_ops()
+    configs = engine_configs(ds_config, cfg)
+
+    def trained(name: str, optim: OptimConfig):
+        model = _build_model(cfg, configs[name])
+        model.gradient_checkpointing = cfg.model.gradient_checkpointing
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, optim), config=configs[name])
+        engine.train()
+        return engine
+
+    teacher = None
+    if cfg.objective == "dmd":
+        model = _build_model(cfg, configs["teacher"]).requires_grad_(False)
+        teacher, *_ = deepspeed.initialize(model=model, config=configs["teacher"])
+        teacher.eval()
+    generator = trained("generator", cfg.generator_optim)
+    fake_score = trained("fake_score", cfg.critic_optim) if cfg.objective == "dmd" else None
+    ema = FP32ShardEMA(generator, cfg.ema.decay, cfg.ema.start_step) if cfg.ema.enabled else None
+    return Engines(generator, fake_score, teacher, ema)

@@ -1,0 +1,45 @@
+"""Where training numbers go: OUT/metrics.jsonl and wandb (offline by default), rank 0 only."""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from pathlib import Path
+
+
+class MetricsLog:
+    def __init__(self, out: Path, config: dict, rank: int, mode: str = "offline", project: str = "ovi-dmd",
+                 run_name: str | None = None, resume: bool = False):
+        self.enabled = rank == 0
+        self.run = None
+        if not self.enabled:
+            return
+        self.path = Path(out) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if mode != "disabled":
+            os.environ.setdefault("WANDB_SILENT", "true")
+            import wandb
+            self.run = wandb.init(project=project, name=run_name, dir=str(out), config=config, mode=mode,
+                                  resume="allow" if resume else None, id=self._run_id(out, resume))
+
+    @staticmethod
+    def _run_id(out: Path, resume: bool) -> str | None:
+        """One wandb run per output directory, so a resumed job continues the same run."""
+        id_file = Path(out) / "wandb_run_id"
+        if resume and id_file.exists():
+            return id_file.read_text().strip()
+        run_id = secrets.token_hex(4)
+        id_file.write_text(run_id)
+        return run_id
+
+    def log(self, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
+        if self.run is not None:
+            self.run.log(values, step=step)
+
+    def close(self) -> None:
+        if self.run is not None:
+            self.run.finish()

@@ -1,0 +1,248 @@
+"""Stage 2: DMD distillation of Ovi (or plain flow-matching fine-tuning) under DeepSpeed ZeRO-3.
+
+    deepspeed distill/train.py --deepspeed ds_configs/zero3.json --config distill/configs/ovi_720_5s.yaml \\
+        --data DATASET_DIR --out RUN_DIR [--max-steps N] [--save-every N] [--resume] [key=value ...]
+
+One step = one critic (fake score) update, plus one generator update every `dmd.critic_ratio`
+steps, taken first (DMD2's two-time-scale rule). The VAEs and the text encoder are never
+loaded: batches come from precompute's shards. Preemption (SIGUSR1/SIGTERM) finishes the
+current step, saves, and exits 0 so a requeued job resumes with --resume.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+if __package__ in (None, ""):  # `deepspeed distill/train.py` runs this file as a script
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+import torch.distributed as dist
+
+from distill import checkpoint, dmd
+from distill.config import ConfigError, TrainConfig, load_config, to_dict
+from distill.metrics import MetricsLog
+
+EXIT_PREEMPTED = 0
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--deepspeed", required=True, help="DeepSpeed ZeRO-3 JSON (ds_configs/zero3.json)")
+    parser.add_argument("--config", required=True, help="training recipe YAML (distill/configs/*.yaml)")
+    parser.add_argument("--data", required=True, help="dataset directory written by precompute/encode.py")
+    parser.add_argument("--out", required=True, help="run directory: checkpoints, metrics.jsonl, wandb")
+    parser.add_argument("--max-steps", type=int)
+    parser.add_argument("--save-every", type=int)
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/latest")
+    parser.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. generator_optim.lr=1e-6")
+    return parser.parse_args(argv)
+
+
+def load_ds_config(path: str) -> dict:
+    try:
+        cfg = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"DeepSpeed config not found: {path}") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}: not valid JSON ({err})") from None
+    if cfg.get("zero_optimization", {}).get("stage") != 3:
+        raise ConfigError(f"{path}: zero_optimization.stage must be 3")
+    return cfg
+
+
+def prepare(args) -> tuple[TrainConfig, dict]:
+    """Everything that can be wrong with the command line, the config or the dataset, checked
+    before any process group or model exists."""
+    overrides = list(args.overrides)
+    if args.max_steps is not None:
+        overrides.append(f"max_steps={args.max_steps}")
+    if args.save_every is not None:
+        overrides.append(f"save_every={args.save_every}")
+    cfg = load_config(args.config, overrides)
+    ds_config = load_ds_config(args.deepspeed)
+    from distill.data import check_dataset
+    check_dataset(args.data, cfg.model.variant)
+    return cfg, ds_config
+
+
+class StopFlag:
+    """Set by SIGUSR1/SIGTERM (Slurm's preemption warning); honoured at the end of a step."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._set)
+
+    def _set(self, *_):
+        self.requested = True
+
+    def any_rank(self, device) -> bool:
+        flag = torch.tensor([float(self.requested)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def broadcast_exit_index(rng: torch.Generator, n_steps: int, device) -> int:
+    """Every ZeRO-3 rank must run the same number of student forwards: rank 0 draws, all use it."""
+    value = torch.tensor([dmd.draw_exit_index(rng, n_steps) if dist.get_rank() == 0 else 0], device=device)
+    dist.broadcast(value, src=0)
+    return int(value.item())
+
+
+def all_finite(loss: torch.Tensor) -> bool:
+    flag = torch.isfinite(loss.detach()).float().reshape(1)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def update(engine, loss) -> bool:
+    """Backward and step unless any rank's loss is NaN/Inf; then the step is skipped everywhere."""
+    if not all_finite(loss):
+        return False
+    engine.backward(loss)
+    engine.step()
+    return True
+
+
+def train_step(step: int, engines, batches, dmd_cfg, rngs, device, cfg: TrainConfig) -> tuple[dict, bool]:
+    """One step; returns (metrics as tensors/numbers, every update finite)."""
+    metrics, ok = {}, True
+    n_steps = dmd_cfg.n_steps
+    if cfg.objective == "flow":
+        loss, m = dmd.flow_loss(engines.generator, next(batches).to(device), dmd_cfg, rngs["noise"])
+        ok = update(engines.generator, loss)
+        return {**m, "forward_passes": 1}, ok
+    passes = 0
+    if dmd.is_generator_step(step, dmd_cfg):
+        exit_index = broadcast_exit_index(rngs["exit"], n_steps, device)
+        loss, m = dmd.generator_loss(engines.generator, engines.fake_score, engines.teacher,
+                                     next(batches).to(device), exit_index, dmd_cfg, rngs["noise"])
+        ok = update(engines.generator, loss)
+        metrics.update({f"generator/{k}": v for k, v in m.items()})
+        metrics["generator/grad_norm"] = engines.generator.get_global_grad_norm()
+        passes += exit_index + 1 + 1 + 2
+    exit_index = broadcast_exit_index(rngs["exit"], n_steps, device)
+    loss, m = dmd.critic_loss(engines.generator, engines.fake_score, next(batches).to(device), exit_index, dmd_cfg, rngs["noise"])
+    ok = update(engines.fake_score, loss) and ok
+    metrics.update({f"critic/{k}": v for k, v in m.items()})
+    metrics["critic/grad_norm"] = engines.fake_score.get_global_grad_norm()
+    metrics["forward_passes"] = passes + exit_index + 1 + 1
+    return metrics, ok
+
+
+def scalars(metrics: dict) -> dict:
+    out = {}
+    for k, v in metrics.items():
+        if v is None:
+            continue
+        out[k] = v.item() if torch.is_tensor(v) else float(v)
+    return out
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg, ds_config = prepare(args)
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    import deepspeed
+    from tqdm import tqdm
+
+    from distill.data import build_loader
+    from distill.engines import build_engines
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(minutes=int(os.environ.get("DEEPSPEED_TIMEOUT", 60))))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", args.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.manual_seed(cfg.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    engines = build_engines(cfg, ds_config)
+    dmd_cfg = cfg.dmd
+    batches = build_loader(args.data, cfg, rank, world)
+    rngs = {"noise": torch.Generator(device=device).manual_seed(cfg.seed * 100_003 + rank),
+            "exit": torch.Generator().manual_seed(cfg.seed)}
+    state = {"step": 0, "generator_updates": 0, "skipped_nonfinite": 0}
+    if args.resume and (path := checkpoint.latest(out)) is not None:
+        trainer_state, rank_state = checkpoint.load(path, engines)
+        state = {k: trainer_state[k] for k in state}
+        checkpoint.set_rng_state(rank_state["rng"], rngs)
+        batches.load_state_dict(rank_state["data"])
+        if rank == 0:
+            print(f"resumed from {path} at step {state['step']}", flush=True)
+
+    log = MetricsLog(out, to_dict(cfg), rank, cfg.log.wandb_mode, cfg.log.wandb_project, cfg.log.run_name, resume=args.resume)
+    stop = StopFlag()
+    nonfinite_in_a_row = 0
+    bar = tqdm(total=cfg.max_steps, initial=state["step"], disable=rank != 0, desc=cfg.objective, dynamic_ncols=True)
+
+    def save():
+        rank_state = {"rng": checkpoint.rng_state(rngs), "data": batches.state_dict()}
+        trainer_state = {**state, "config": to_dict(cfg), "world_size": world}
+        return checkpoint.save(out, state["step"], engines, trainer_state, rank_state, cfg.keep_checkpoints)
+
+    exit_code = 0
+    while state["step"] < cfg.max_steps:
+        step = state["step"]
+        t0 = time.perf_counter()
+        generator_step = cfg.objective == "dmd" and dmd.is_generator_step(step, dmd_cfg)
+        metrics, ok = train_step(step, engines, batches, dmd_cfg, rngs, device, cfg)
+        if ok:
+            nonfinite_in_a_row = 0
+            if generator_step or cfg.objective == "flow":
+                state["generator_updates"] += 1
+                if engines.ema is not None:
+                    engines.ema.update(step)
+        else:
+            nonfinite_in_a_row += 1
+            state["skipped_nonfinite"] += 1
+            if nonfinite_in_a_row >= cfg.max_nonfinite_in_a_row:
+                print(f"error: {nonfinite_in_a_row} steps in a row with NaN/Inf losses; stopping", file=sys.stderr)
+                exit_code = 3
+                break
+        state["step"] = step + 1
+        seconds = time.perf_counter() - t0
+        if rank == 0 and (step % cfg.log.every == 0 or step + 1 == cfg.max_steps):
+            values = scalars(metrics)
+            values.update({"step_time_s": seconds, "samples_per_s": cfg.data.batch_size * world / seconds,
+                           "lr/generator": engines.generator.get_lr()[0],
+                           "skipped_nonfinite": state["skipped_nonfinite"], "finite": ok})
+            if engines.fake_score is not None:
+                values["lr/critic"] = engines.fake_score.get_lr()[0]
+            log.log(step, values)
+            bar.set_postfix({k: f"{v:.3g}" for k, v in values.items() if k.endswith("loss") and math.isfinite(v)})
+        bar.update(1)
+        preempted = stop.any_rank(device)
+        if state["step"] % cfg.save_every == 0 or state["step"] == cfg.max_steps or preempted:
+            path = save()
+            if rank == 0:
+                bar.write(f"saved {path}")
+        if preempted:
+            if rank == 0:
+                bar.write(f"preemption signal: saved at step {state['step']}, exiting for requeue")
+            exit_code = EXIT_PREEMPTED
+            break
+    bar.close()
+    log.close()
+    dist.barrier()
+    dist.destroy_process_group()
+    return exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
