@@ -24,6 +24,8 @@ class ModelConfig:
     init_seed: int = 0
     gradient_checkpointing: bool = True   # generator and fake score (the teacher never needs it)
     compile_elementwise: bool | None = None  # torch.compile the element-wise ops; None: on for CUDA
+    num_layers: int | None = None         # override the variant's depth (benchmarks, experiments)
+    random_init: bool = False             # benchmarks only: keep the constructor's init, load nothing
 
 
 @dataclass
@@ -88,7 +90,8 @@ class TrainConfig:
             (self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1"),
             (self.max_nonfinite_in_a_row >= 1, "max_nonfinite_in_a_row", "must be >= 1"),
             (self.model.variant in VARIANTS, "model.variant", f"must be one of {sorted(VARIANTS)}"),
-            (self.model.checkpoint is not None or self.model.variant == "tiny", "model.checkpoint",
+            (self.model.num_layers is None or self.model.num_layers >= 1, "model.num_layers", "must be >= 1"),
+            (self.model.checkpoint is not None or self.model.variant == "tiny" or self.model.random_init, "model.checkpoint",
              "is required for real variants (the official Ovi safetensors file)"),
             (0.0 <= self.ema.decay < 1.0, "ema.decay", "must be in [0, 1)"),
             (self.data.batch_size >= 1, "data.batch_size", "must be >= 1"),

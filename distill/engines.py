@@ -14,11 +14,11 @@ from dataclasses import dataclass
 import deepspeed
 import torch
 import torch.distributed as dist
-from deepspeed.utils import safe_get_local_fp32_param
+from deepspeed.utils import safe_get_local_fp32_param, set_z3_leaf_modules
 
 from .config import OptimConfig, TrainConfig
-from .models import OviFusion, variant_config
-from .models.layers import compile_elementwise_ops
+from .models import OviFusion, init_weights, variant_config
+from .models.layers import FusedCrossAttention, SelfAttention, compile_elementwise_ops
 from .models.loading import load_ovi_checkpoint_zero3, load_state_zero3
 
 FUSION_PARAM_MARKERS = ("k_fusion", "v_fusion", "pre_attn_norm_fusion", "norm_k_fusion")
@@ -58,13 +58,25 @@ def param_groups(model: torch.nn.Module, optim: OptimConfig) -> list[dict]:
     return [{"params": ps, "lr": optim.lr * scale[part], "name": part} for part, ps in groups.items() if ps]
 
 
-def _build_model(cfg: TrainConfig, ds_cfg: dict) -> OviFusion:
+# ZeRO-3 fetch units for the frozen teacher: each attention module and each MLP is gathered in
+# one piece instead of per Linear/norm (Ovi has ~35 parameter tensors per block). Only for the
+# forward-only engine: with activation checkpointing + backward, leaf modules left released
+# parameters in the recomputation (DeepSpeed 0.19.8, seen on CPU).
+ZERO3_LEAF_MODULES = [SelfAttention, FusedCrossAttention, torch.nn.Sequential]
+
+
+def _build_model(cfg: TrainConfig, ds_cfg: dict, leaf_modules: bool = False) -> OviFusion:
     with deepspeed.zero.Init(config_dict_or_path=ds_cfg):
-        model = OviFusion(variant_config(cfg.model.variant))
+        model = OviFusion(variant_config(cfg.model.variant, cfg.model.num_layers))
+    if leaf_modules:
+        set_z3_leaf_modules(model, ZERO3_LEAF_MODULES)
+    if cfg.model.random_init:
+        return model
     if cfg.model.checkpoint:
         load_ovi_checkpoint_zero3(model, cfg.model.checkpoint)
     else:  # tiny: every rank builds the same seeded state; rank 0's copy is broadcast into the shards
-        source = OviFusion.from_variant(cfg.model.variant, seed=cfg.model.init_seed).state_dict()
+        source = OviFusion(variant_config(cfg.model.variant, cfg.model.num_layers))
+        source = init_weights(source, seed=cfg.model.init_seed).state_dict()
         load_state_zero3(model, source.__getitem__)
     return model
 
@@ -132,7 +144,7 @@ def build_engines(cfg: TrainConfig, ds_config: dict) -> Engines:
 
     teacher = None
     if cfg.objective == "dmd":
-        model = _build_model(cfg, configs["teacher"]).requires_grad_(False)
+        model = _build_model(cfg, configs["teacher"], leaf_modules=True).requires_grad_(False)
         teacher, *_ = deepspeed.initialize(model=model, config=configs["teacher"])
         teacher.eval()
     generator = trained("generator", cfg.generator_optim)

@@ -66,7 +66,7 @@ def export(run_or_step: Path, out: Path, raw: bool = False, step: int | None = N
     config = json.loads((step_path / "trainer.json").read_text())["config"]
     state = raw_state(step_path) if raw else ema_state(step_path)
     with torch.device("meta"):
-        model = OviFusion(variant_config(config["model"]["variant"]))
+        model = OviFusion(variant_config(config["model"]["variant"], config["model"].get("num_layers")))
     meta = {"source": str(step_path), "weights": "raw" if raw else "ema", "variant": config["model"]["variant"],
             "format": "ovi-fusion"}
     path = save_ovi_checkpoint(state, out, dtype=torch.bfloat16, metadata=meta)

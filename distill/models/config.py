@@ -88,10 +88,11 @@ def ovi_config(dim=3072, ffn_dim=14336, num_heads=24, num_layers=30, text_len=51
 TINY_TEXT_DIM = 32
 
 
-def variant_config(name: str) -> OviConfig:
-    """All three released checkpoints share one architecture (spec/ovi.md §1.1)."""
+def variant_config(name: str, num_layers: int | None = None) -> OviConfig:
+    """All three released checkpoints share one architecture (spec/ovi.md §1.1); `num_layers`
+    shrinks the depth (benchmarks)."""
     variant = get_variant(name)
     if name == "tiny":
-        return ovi_config(dim=64, ffn_dim=160, num_heads=2, num_layers=3,
+        return ovi_config(dim=64, ffn_dim=160, num_heads=2, num_layers=num_layers or 3,
                           text_len=variant.text_len, text_dim=TINY_TEXT_DIM)
-    return ovi_config(text_len=variant.text_len)
+    return ovi_config(num_layers=num_layers or 30, text_len=variant.text_len)
