@@ -24,20 +24,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from precompute.fileio import atomic_write
+
 ENGINE_TAG = "state"
 
 
 def step_dir(root: Path, step: int) -> Path:
     return Path(root) / "checkpoints" / f"step-{step:06d}"
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def rng_state(generators: dict[str, torch.Generator]) -> dict:
@@ -73,9 +66,9 @@ def save(root: Path, step: int, engines, trainer_state: dict, rank_state: dict, 
         torch.save(engines.ema.state_dict(), path / "ema" / f"rank-{rank:05d}.pt")
     dist.barrier()
     if rank == 0:
-        _atomic_write(path / "trainer.json", json.dumps(trainer_state, indent=1))
-        _atomic_write(path / "COMPLETE", "")
-        _atomic_write(Path(root) / "checkpoints" / "latest", path.name)
+        atomic_write(path / "trainer.json", json.dumps(trainer_state, indent=1))
+        atomic_write(path / "COMPLETE", "")
+        atomic_write(Path(root) / "checkpoints" / "latest", path.name)
         prune(root, keep)
     dist.barrier()
     return path

@@ -53,6 +53,7 @@ from precompute.shards import (
     read_dataset_info, read_done_rows, sample_key, write_dataset_info, write_index, write_negatives,
 )
 from precompute.variants import VARIANTS, Variant, get_variant
+from precompute.fileio import atomic_write
 
 EXIT_OK = 0
 EXIT_ROWS_FAILED = 1   # the dataset is complete for every good row; failures.jsonl lists the others
@@ -520,15 +521,6 @@ def init_distributed(use_cuda: bool) -> Dist:
 
 # Finishing (rank 0) -----------------------------------------------------------------------------
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    partial = path.with_name(path.name + ".partial")
-    with open(partial, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(partial, path)
-
-
 def merge_failures(root: Path, world: int) -> int:
     """failures/{rank}.jsonl of this run -> failures.jsonl sorted by row; returns the count."""
     lines: list[tuple[int, str]] = []
@@ -540,7 +532,7 @@ def merge_failures(root: Path, world: int) -> int:
             if line.endswith("\n") and line.strip():  # a line torn by a crash has no newline
                 lines.append((json.loads(line)["row"], line))
     lines.sort(key=lambda item: item[0])
-    _write_atomic(root / "failures.jsonl", "".join(line for _, line in lines).encode("utf-8"))
+    atomic_write(root / "failures.jsonl", "".join(line for _, line in lines).encode("utf-8"))
     return len(lines)
 
 

@@ -35,6 +35,7 @@ import torch
 import webdataset as wds
 
 from precompute.variants import VAE_STRIDE_S, get_variant
+from precompute.fileio import atomic_write, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -271,27 +272,6 @@ class IndexRow:
         return cls(**{**raw, "video_shape": tuple(raw["video_shape"])})
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Readers see the old file or the whole new one, never a torn one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    with open(partial, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(partial, path)
-    _fsync_dir(path.parent)
-
-
 @dataclass
 class _OpenShard:
     name: str
@@ -340,7 +320,7 @@ class ShardWriter:
                 # A torn last line from a crash mid-append: drop it (its shard is recovered
                 # below) so the next append does not glue onto it.
                 lines.pop()
-                _atomic_write(self.done_list, "".join(lines).encode("utf-8"))
+                atomic_write(self.done_list, "".join(lines).encode("utf-8"))
             for line in lines:
                 entry = json.loads(line)
                 listed[entry["shard"]] = [IndexRow.from_dict(r) for r in entry["rows"]]
@@ -394,7 +374,7 @@ class ShardWriter:
         shard.file.close()
         final = self.root / shard.name
         os.replace(final.with_name(final.name + ".partial"), final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
         self._append_done(shard.name, shard.rows)
         self._finished.extend(shard.rows)
         for row in shard.rows:
@@ -461,7 +441,7 @@ def write_index(path: str | os.PathLike, rows: Iterable[IndexRow]) -> int:
     table = pa.Table.from_pydict(columns, schema=_INDEX_SCHEMA)
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
-    _atomic_write(Path(path), sink.getvalue().to_pybytes())
+    atomic_write(Path(path), sink.getvalue().to_pybytes())
     return len(rows)
 
 
@@ -499,7 +479,7 @@ def write_negatives(path: str | os.PathLike, negatives: Negatives) -> None:
                "audio_negative": negatives.audio_emb.contiguous(), "audio_negative_ids": negatives.audio_ids.contiguous()}
     metadata = {"schema_version": str(SCHEMA_VERSION), "video_prompt": negatives.video_prompt,
                 "audio_prompt": negatives.audio_prompt}
-    _atomic_write(Path(path), safetensors.torch.save(tensors, metadata=metadata))
+    atomic_write(Path(path), safetensors.torch.save(tensors, metadata=metadata))
 
 
 def read_negatives(path: str | os.PathLike) -> Negatives:
@@ -543,7 +523,7 @@ def write_dataset_info(path: str | os.PathLike, info: DatasetInfo) -> None:
         raise ValueError("dataset.json: video_latent_std must be positive")
     get_variant(info.variant)
     text = json.dumps(dataclasses.asdict(info), indent=2, sort_keys=True)
-    _atomic_write(Path(path), (text + "\n").encode("utf-8"))
+    atomic_write(Path(path), (text + "\n").encode("utf-8"))
 
 
 def read_dataset_info(path: str | os.PathLike) -> DatasetInfo:

@@ -20,8 +20,6 @@ from distill.dmd import (
 from distill.flow import STUDENT_SIGMAS
 from distill.models import OviFusion
 
-torch.set_num_threads(1)
-
 B, C, F, H, W, L, TEXT_LEN, TEXT_DIM = 2, 48, 3, 4, 4, 8, 6, 32
 CFG = DMDConfig(slg_block=1)  # the tiny model has 3 blocks: Ovi's block 11 would skip nothing
 

@@ -14,15 +14,6 @@ from precompute.encoders.mmaudio_vae import (
 WEIGHTS, BAKED = "weights.", "weights_after_remove_weight_norm."
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    # Small convs on a shared 2-core box run ~20x slower with 2 intra-op threads than with 1.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def fixture(golden):
     return load_file(str(golden / "mmaudio_vae_tiny.safetensors"))

@@ -13,15 +13,6 @@ LATENT_TOL = dict(atol=2e-6, rtol=1e-5)
 DECODED_TOL = dict(atol=1e-7, rtol=1e-5)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny convs gain nothing from threads, and on a shared 2-core CPU OpenMP contention costs ~5x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def fixture(golden: Path) -> dict[str, torch.Tensor]:
     return load_file(golden / "wan22_vae_tiny.safetensors")
