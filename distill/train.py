@@ -221,7 +221,9 @@ def main(argv=None) -> int:
             values = scalars(metrics)
             values.update({"step_time_s": seconds, "samples_per_s": cfg.data.batch_size * world / seconds,
                            "lr/generator": engines.generator.get_lr()[0],
-                           "skipped_nonfinite": state["skipped_nonfinite"], "finite": ok})
+                           "skipped_nonfinite": state["skipped_nonfinite"], "finite": ok,
+                           "data/corrupt_samples": batches.counters.corrupt_samples,
+                           "data/shard_errors": batches.counters.shard_errors})
             if engines.fake_score is not None:
                 values["lr/critic"] = engines.fake_score.get_lr()[0]
             log.log(step, values)
@@ -237,6 +239,8 @@ def main(argv=None) -> int:
                 bar.write(f"preemption signal: saved at step {state['step']}, exiting for requeue")
             exit_code = EXIT_PREEMPTED
             break
+    for sig in (signal.SIGUSR1, signal.SIGTERM):  # a late preemption signal must not kill the shutdown
+        signal.signal(sig, signal.SIG_IGN)
     bar.close()
     log.close()
     dist.barrier()
