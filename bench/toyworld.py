@@ -1,0 +1,449 @@
+"""An audio-video world with a known distribution, and the whole distillation pipeline against it:
+
+    python bench/toyworld.py --size ci  --out /tmp/toyworld     # CPU: ~9 min on 2 busy cores
+    python bench/toyworld.py --size gpu --out /tmp/toyworld     # 1 GPU; not yet run on one
+
+shards (precompute/shards.py) -> tiny OviFusion teacher (`objective: flow`, distill/train.py)
+-> DMD to 4 steps (distill/train.py, model.checkpoint = the exported teacher) -> teacher@50 (CFG),
+teacher@4 (same solver and CFG) and student@4, sampled in-process with distill/sampling.py ->
+per-class Fréchet distance, mode coverage, audio-visual onset agreement and diversity against
+fresh draws from the world itself. Prints one markdown table; writes OUT/results.json.
+
+The world (tiny variant shapes: video latents [48, 5, 4, 4], audio latents [22, 20]):
+  - K scene classes, each named by a fixed random text embedding [4, 32]; the null prompt (all
+    zeros, also the CFG negative) names the mixture of all classes.
+  - video: a Gaussian blob in channels 0..3 at the class's position (on a circle around the
+    centre) plus jitter, absent in latent frame 0 and present from the event frame
+    e ~ U{1..F-1} on, with a random amplitude;
+  - audio: a sustained tone in the class's own 4 channels starting at audio frame
+    floor(e * L / F) (the event's place on the shared timeline), with a random amplitude;
+  - N(0, noise_std²) everywhere else. Everything is drawn from seeded generators, so the truth
+    can be re-sampled at will for evaluation.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import torch
+
+from bench import toyworld_metrics as tm
+from precompute.shards import (
+    VIDEO_LATENT_CHANNELS,
+    DatasetInfo,
+    Negatives,
+    Sample,
+    SampleMeta,
+    ShardWriter,
+    read_done_rows,
+    sample_key,
+    write_dataset_info,
+    write_index,
+    write_negatives,
+)
+from precompute.variants import get_variant
+
+REPO = Path(__file__).resolve().parents[1]
+VARIANT = get_variant("tiny")
+FRAMES, LATENT_H, LATENT_W = VARIANT.latent_frames, 4, 4
+AUDIO_LEN, AUDIO_CHANNELS = VARIANT.audio_latents, 20
+TEXT_DIM = 32
+OBJECT_CHANNELS = 4       # video channels 0..3 carry the object
+TONE_CHANNELS = 4         # audio channels 4k..4k+3 carry class k's tone
+NULL_CLASS = -1           # the null prompt: a sample of the class mixture
+
+
+# ---------------------------------------------------------------------------------------------
+# The world
+
+
+@dataclass(frozen=True)
+class WorldConfig:
+    num_classes: int = 3
+    prompt_tokens: int = 4
+    position_radius: float = 1.0    # latent pixels from the centre (1.5, 1.5)
+    position_jitter: float = 0.3    # std of the blob centre around its class position
+    blob_sigma: float = 0.7         # latent pixels
+    amplitude: float = 2.0          # mean of both the blob peak and the tone level
+    amplitude_jitter: float = 0.25
+    noise_std: float = 0.1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.num_classes <= AUDIO_CHANNELS // TONE_CHANNELS:
+            raise ValueError(f"num_classes must be in 1..{AUDIO_CHANNELS // TONE_CHANNELS}, got {self.num_classes}")
+
+
+def audio_onset(event_frame):
+    """The rule tying the sound to the sight: audio frame floor(e * L / F) (works on arrays)."""
+    return np.floor(np.asarray(event_frame) * AUDIO_LEN / FRAMES)
+
+
+def class_positions(world: WorldConfig) -> np.ndarray:
+    """[K, 2] (row, col) blob centres on a circle around the grid centre."""
+    angles = 2 * np.pi * np.arange(world.num_classes) / world.num_classes + np.pi / 4
+    centre = np.array([(LATENT_H - 1) / 2, (LATENT_W - 1) / 2])
+    return centre + world.position_radius * np.stack([np.sin(angles), np.cos(angles)], axis=1)
+
+
+def class_prompts(world: WorldConfig) -> torch.Tensor:
+    """[K, prompt_tokens, 32] fixed random embeddings: the names of the classes."""
+    g = torch.Generator().manual_seed(10_000 + world.seed)
+    return torch.randn(world.num_classes, world.prompt_tokens, TEXT_DIM, generator=g)
+
+
+def null_prompt() -> torch.Tensor:
+    return torch.zeros(1, TEXT_DIM)
+
+
+def sample_world(world: WorldConfig, classes: np.ndarray, seed: int) -> dict[str, torch.Tensor]:
+    """Draw one clip per entry of `classes` (NULL_CLASS draws a uniform class): float32
+    video [N,48,F,H,W], audio [N,L,20], and the latent truth (class, event frame, position)."""
+    rng = np.random.default_rng(seed)
+    classes = np.asarray(classes)
+    n = len(classes)
+    content = np.where(classes == NULL_CLASS, rng.integers(0, world.num_classes, n), classes)
+    event = rng.integers(1, FRAMES, n)
+    position = class_positions(world)[content] + world.position_jitter * rng.standard_normal((n, 2))
+    video_amp = world.amplitude + world.amplitude_jitter * rng.standard_normal(n)
+    audio_amp = world.amplitude + world.amplitude_jitter * rng.standard_normal(n)
+
+    rows, cols = np.arange(LATENT_H)[None, :, None], np.arange(LATENT_W)[None, None, :]
+    blob = np.exp(-((rows - position[:, 0, None, None]) ** 2 + (cols - position[:, 1, None, None]) ** 2)
+                  / (2 * world.blob_sigma ** 2))                                        # [N,H,W]
+    on = (np.arange(FRAMES)[None, :] >= event[:, None]).astype(np.float64)             # [N,F]
+    video = world.noise_std * rng.standard_normal((n, VIDEO_LATENT_CHANNELS, FRAMES, LATENT_H, LATENT_W))
+    video[:, :OBJECT_CHANNELS] += (video_amp[:, None, None, None] * on[:, :, None, None] * blob[:, None])[:, None]
+
+    audio = world.noise_std * rng.standard_normal((n, AUDIO_LEN, AUDIO_CHANNELS))
+    sounding = (np.arange(AUDIO_LEN)[None, :] >= audio_onset(event)[:, None]).astype(np.float64)  # [N,L]
+    for i in range(n):
+        k = content[i]
+        audio[i, :, k * TONE_CHANNELS:(k + 1) * TONE_CHANNELS] += audio_amp[i] * sounding[i, :, None]
+    return {"video": torch.from_numpy(video).float(), "audio": torch.from_numpy(audio).float(),
+            "content": torch.from_numpy(content), "event": torch.from_numpy(event),
+            "position": torch.from_numpy(position).float()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Features: what the metrics compare (hand-crafted from the world's own structure)
+
+
+def on_ness(level: np.ndarray) -> np.ndarray:
+    """[N, T] levels -> [N, T] in [0, 1]: relative to each row's maximum, ramped over 25%..75%."""
+    relative = level / np.maximum(level.max(axis=1, keepdims=True), 1e-8)
+    return np.clip((relative - 0.25) / 0.5, 0.0, 1.0)
+
+
+def features(video: torch.Tensor, audio: torch.Tensor, num_classes: int) -> np.ndarray:
+    """[N, 6 + K]: blob row, blob col, video event frame, audio onset frame, video peak, audio peak,
+    and the mean level of each class's tone channels. Chosen over generic embeddings because each
+    number is one factor of the world (where, when, how loud, which sound), so a Fréchet distance
+    on 9 dimensions is estimable from a few dozen samples and a failure can be read off the row.
+
+    Event and onset are soft counts: F minus the number of frames "on", a frame's on-ness being
+    its level relative to the sample's own loudest frame ramped from 0 at 25% to 1 at 75% (so
+    background noise counts 0, a clean step at e gives e, and a smeared one a fraction)."""
+    v = video.double().numpy()[:, :OBJECT_CHANNELS].mean(axis=1)                 # [N,F,H,W]
+    energy = np.maximum(v, 0)
+    per_frame = energy.sum(axis=(2, 3))                                           # [N,F]
+    on_frames = on_ness(per_frame)
+    event = FRAMES - on_frames.sum(axis=1)
+    heat = energy.sum(axis=1)                                                     # [N,H,W]
+    mass = np.maximum(heat.sum(axis=(1, 2)), 1e-8)
+    row = (heat * np.arange(LATENT_H)[None, :, None]).sum(axis=(1, 2)) / mass
+    col = (heat * np.arange(LATENT_W)[None, None, :]).sum(axis=(1, 2)) / mass
+    video_peak = v.max(axis=(1, 2, 3))
+
+    a = audio.double().numpy()
+    tones = a[:, :, :num_classes * TONE_CHANNELS].reshape(len(a), AUDIO_LEN, num_classes, TONE_CHANNELS).mean(-1)
+    level = np.maximum(tones, 0).sum(axis=2)                                      # [N,L]
+    sounding = on_ness(level)
+    onset = AUDIO_LEN - sounding.sum(axis=1)
+    audio_peak = level.max(axis=1)
+    tone_means = tones.mean(axis=1)                                               # [N,K]
+    return np.column_stack([row, col, event, onset, video_peak, audio_peak, tone_means])
+
+
+FEATURE_NAMES = ("row", "col", "event", "onset", "video_peak", "audio_peak")
+EVENT, ONSET = 2, 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Sizes
+
+
+@dataclass(frozen=True)
+class SizeConfig:
+    world: WorldConfig
+    train_per_class: int            # training clips per class (+ as many null-prompt clips)
+    eval_per_class: int             # samples per class per sampler
+    truth_per_class: int            # fresh world draws per class for the reference statistics
+    flow_steps: int
+    dmd_steps: int
+    batch_size: int
+    flow_lr: float
+    generator_lr: float
+    critic_lr: float
+    critic_ratio: int
+    cfg: float                      # teacher CFG (both modalities), in sampling and in DMD
+    ranks: int
+    num_layers: int = 3
+    ds_config: str = "ds_configs/zero3_cpu.json"
+    fp32: bool = False              # train with bf16 off (CPU: bf16 matmuls made a step 7x slower)
+    student_weights: str = "ema"    # ema | raw
+    extra_flow: tuple[str, ...] = ()
+    extra_dmd: tuple[str, ...] = ()
+
+
+SIZES = {
+    "ci": SizeConfig(world=WorldConfig(num_classes=3), train_per_class=512, eval_per_class=64, truth_per_class=1000,
+                     flow_steps=400, dmd_steps=100, batch_size=64, flow_lr=2e-3, generator_lr=2e-4, critic_lr=4e-4,
+                     critic_ratio=2, cfg=2.0, ranks=1, fp32=True),
+    "gpu": SizeConfig(world=WorldConfig(num_classes=4), train_per_class=2048, eval_per_class=256, truth_per_class=4000,
+                      flow_steps=3000, dmd_steps=1500, batch_size=64, flow_lr=5e-4, generator_lr=1e-4, critic_lr=2e-4,
+                      critic_ratio=3, cfg=2.0, ranks=1, num_layers=6, ds_config="ds_configs/zero3.json"),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Dataset: the project's own shard writer
+
+
+def write_dataset(root: Path, world: WorldConfig, per_class: int, seed: int = 1) -> int:
+    """per_class clips of every class plus per_class null-prompt clips (the class mixture), so
+    the flow teacher also learns the unconditional model that CFG subtracts."""
+    classes = np.repeat(np.append(np.arange(world.num_classes), NULL_CLASS), per_class)
+    clips = sample_world(world, classes, seed)
+    prompts = class_prompts(world)
+    with ShardWriter(root, rank=0, maxcount=512) as writer:
+        for i, k in enumerate(classes):
+            text = null_prompt() if k == NULL_CLASS else prompts[k]
+            meta = SampleMeta(prompt=f"toyworld class {int(k)}", source=f"toyworld/{seed}/{i}", t0=0.0,
+                              t1=VARIANT.duration_s, source_fps=24.0, source_size=(64, 64), bucket=(64, 64),
+                              variant="tiny", extra={"class": int(k), "event": int(clips["event"][i])})
+            writer.write(Sample(key=sample_key(meta.source, 0.0, "tiny"), video_latent=clips["video"][i].bfloat16(),
+                                audio_latent=clips["audio"][i].bfloat16(), text_emb=text.bfloat16(),
+                                text_ids=torch.arange(text.shape[0], dtype=torch.int32), meta=meta))
+    n = write_index(root / "index.parquet", read_done_rows(root))
+    null, ids = null_prompt().bfloat16(), torch.zeros(1, dtype=torch.int32)
+    write_negatives(root / "negatives.safetensors", Negatives("", null, ids, "", null.clone(), ids.clone()))
+    write_dataset_info(root / "dataset.json", DatasetInfo(
+        variant="tiny", video_latent_normalised=True, video_latent_mean=(0.0,) * VIDEO_LATENT_CHANNELS,
+        video_latent_std=(1.0,) * VIDEO_LATENT_CHANNELS, encoders={"toyworld": json.dumps(asdict(world), sort_keys=True)},
+        counts={"samples": n}))
+    return n
+
+
+# ---------------------------------------------------------------------------------------------
+# Training: distill/train.py under the real DeepSpeed launcher, then distill/export.py
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ds_config_path(size: SizeConfig, out: Path) -> str:
+    """The size's DeepSpeed JSON, or a copy of it with bf16 off written beside the runs."""
+    if not size.fp32:
+        return size.ds_config
+    config = json.loads((REPO / size.ds_config).read_text())
+    config["bf16"] = {"enabled": False}
+    path = out / "ds_config_fp32.json"
+    path.write_text(json.dumps(config, indent=2))
+    return str(path)
+
+
+def train(data: Path, out: Path, size: SizeConfig, steps: int, overrides: list[str], log: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    if not torch.cuda.is_available():
+        env["DS_ACCELERATOR"] = "cpu"
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(size.ranks),
+           "--master_port", str(_free_port()), "distill/train.py", "--deepspeed", ds_config_path(size, out.parent),
+           "--config", "distill/configs/tiny.yaml", "--data", str(data), "--out", str(out),
+           "--max-steps", str(steps), "--save-every", str(steps),
+           f"model.num_layers={size.num_layers}", f"data.batch_size={size.batch_size}", "data.i2v_ratio=0",
+           "model.gradient_checkpointing=false", "log.wandb_mode=disabled", "log.every=25", *overrides]
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"training failed ({proc.returncode}); see {log}:\n" + log.read_text()[-3000:])
+
+
+def export(run: Path, out: Path, raw: bool) -> Path:
+    from distill.export import export as export_run
+    return export_run(run, out, raw=raw)
+
+
+def train_teacher_and_student(data: Path, out: Path, size: SizeConfig) -> tuple[Path, Path]:
+    flow = ["objective=flow", f"generator_optim.lr={size.flow_lr}", "generator_optim.betas=[0.9,0.999]", "dmd.flow_shift=1.0",
+            "ema.decay=0.99", f"ema.start_step={size.flow_steps // 2}", *size.extra_flow]
+    train(data, out / "teacher_run", size, size.flow_steps, flow, out / "teacher_train.log")
+    teacher = export(out / "teacher_run", out / "teacher.safetensors", raw=False)
+    dmd = ["objective=dmd", f"model.checkpoint={teacher}", f"generator_optim.lr={size.generator_lr}",
+           f"critic_optim.lr={size.critic_lr}", f"dmd.critic_ratio={size.critic_ratio}",
+           f"dmd.cfg_video={size.cfg}", f"dmd.cfg_audio={size.cfg}", "dmd.slg_block=null",
+           "ema.decay=0.95", f"ema.start_step={size.dmd_steps // 2}", *size.extra_dmd]
+    train(data, out / "student_run", size, size.dmd_steps, dmd, out / "student_train.log")
+    student = export(out / "student_run", out / "student.safetensors", raw=size.student_weights == "raw")
+    return teacher, student
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling, in-process
+
+
+def load_model(path: Path, num_layers: int, device: torch.device):
+    from distill.models import OviFusion, load_ovi_checkpoint, variant_config
+    with torch.device("meta"):
+        model = OviFusion(variant_config("tiny", num_layers))
+    load_ovi_checkpoint(model, path)
+    return model.float().to(device).eval()
+
+
+def padded(text: torch.Tensor, batch: int, device) -> torch.Tensor:
+    from distill.data import pad_text
+    return pad_text(text, VARIANT.text_len, "toyworld prompt").float().to(device).expand(batch, -1, -1)
+
+
+def sample_all(teacher, student, size: SizeConfig, device, seed: int = 7) -> dict[str, dict[int, dict]]:
+    """{sampler: {class: {"video", "audio"}}} with the same starting noise for every sampler."""
+    from distill.sampling import TeacherSamplerConfig, sample_student, sample_teacher
+    world, n = size.world, size.eval_per_class
+    prompts = class_prompts(world)
+    neg = padded(null_prompt(), n, device)
+    out: dict[str, dict[int, dict]] = {"teacher@50": {}, "teacher@4": {}, "student@4": {}}
+    for k in range(world.num_classes):
+        g = torch.Generator().manual_seed(seed * 1000 + k)
+        noise_v = torch.randn(n, VIDEO_LATENT_CHANNELS, FRAMES, LATENT_H, LATENT_W, generator=g).to(device)
+        noise_a = torch.randn(n, AUDIO_LEN, AUDIO_CHANNELS, generator=g).to(device)
+        text = padded(prompts[k], n, device)
+        for name, steps in (("teacher@50", 50), ("teacher@4", 4)):
+            cfg = TeacherSamplerConfig(steps=steps, cfg_video=size.cfg, cfg_audio=size.cfg, slg_block=None)
+            v, a = sample_teacher(teacher, noise_v, noise_a, text, neg, neg, cfg)
+            out[name][k] = {"video": v.float().cpu(), "audio": a.float().cpu()}
+        gen = torch.Generator(device=device).manual_seed(seed * 1000 + k)
+        v, a = sample_student(student, noise_v, noise_a, text, generator=gen)
+        out["student@4"][k] = {"video": v.float().cpu(), "audio": a.float().cpu()}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation: metrics per sampler against fresh draws of the world
+
+
+@dataclass
+class Standardiser:
+    """Truth-pooled mean/std per feature: every metric is in units of the truth's spread."""
+    mean: np.ndarray
+    std: np.ndarray
+
+    def __call__(self, f: np.ndarray) -> np.ndarray:
+        return (f - self.mean) / self.std
+
+
+def evaluate(samples: dict[str, dict[int, dict]], world: WorldConfig, truth_per_class: int,
+             seed: int = 12345, onset_tolerance: float = 1.0) -> dict[str, dict]:
+    """Metrics of every sampler (and of a second, independent truth draw as the floor)."""
+    k_range = range(world.num_classes)
+    truth = {k: sample_world(world, np.full(truth_per_class, k), seed + k) for k in k_range}
+    n_eval = len(next(iter(samples.values()))[0]["video"])
+    floor = {k: sample_world(world, np.full(n_eval, k), seed + 100 + k) for k in k_range}
+    truth_f = {k: features(t["video"], t["audio"], world.num_classes) for k, t in truth.items()}
+    pooled = np.concatenate(list(truth_f.values()))
+    std = Standardiser(pooled.mean(0), pooled.std(0) + 1e-8)
+    truth_z = {k: std(f) for k, f in truth_f.items()}
+    modes = np.stack([truth_z[k].mean(0) for k in k_range])
+
+    def expected_onset(event):
+        return audio_onset(np.clip(np.round(event), 1, FRAMES - 1))
+
+    results = {"truth (reference)": {"feature_means": [truth_f[k].mean(axis=0).round(3).tolist() for k in k_range]}}
+    for name, per_class in {"truth (fresh draw)": floor, **samples}.items():
+        fd, hits, div, agree, means = [], [], [], [], []
+        for k in k_range:
+            raw = features(per_class[k]["video"], per_class[k]["audio"], world.num_classes)
+            means.append(raw.mean(axis=0).round(3).tolist())
+            z = std(raw)
+            fd.append(tm.frechet_distance(z, truth_z[k]))
+            hits.append(tm.mode_hits(z, modes, k))
+            div.append(tm.diversity_ratio(z, truth_z[k][:len(z)]))
+            agree.append(tm.onset_agreement(raw[:, EVENT], raw[:, ONSET], expected_onset, onset_tolerance))
+        results[name] = {"fd_per_class": fd, "fd_mean": float(np.mean(fd)), "mode_hits": hits,
+                         "mode_coverage": tm.mode_coverage(hits), "onset_agreement": float(np.mean(agree)),
+                         "diversity_ratio": float(np.mean(div)), "feature_means": means}
+    return results
+
+
+def markdown_table(results: dict[str, dict]) -> str:
+    k = len(next(r for r in results.values() if "fd_per_class" in r)["fd_per_class"])
+    head = ["sampler", *[f"FD class {i}" for i in range(k)], "FD mean", "mode coverage", "mode hits",
+            "A/V onset agreement", "diversity / truth"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in results.items():
+        if "fd_mean" not in r:
+            continue
+        cells = [name, *[f"{x:.3f}" for x in r["fd_per_class"]], f"{r['fd_mean']:.3f}", f"{r['mode_coverage']:.2f}",
+                 f"{np.mean(r['mode_hits']):.2f}", f"{r['onset_agreement']:.2f}", f"{r['diversity_ratio']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+
+
+def run(size_name: str, out: Path, size: SizeConfig | None = None) -> dict:
+    size = size or SIZES[size_name]
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    timings = {}
+    t0 = time.perf_counter()
+    write_dataset(out / "data", size.world, size.train_per_class)
+    timings["dataset_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    teacher_path, student_path = train_teacher_and_student(out / "data", out, size)
+    timings["train_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    teacher = load_model(teacher_path, size.num_layers, device)
+    student = load_model(student_path, size.num_layers, device)
+    samples = sample_all(teacher, student, size, device)
+    timings["sample_s"] = time.perf_counter() - t0
+    results = evaluate(samples, size.world, size.truth_per_class)
+    table = markdown_table(results)
+    names = [*FEATURE_NAMES, *(f"tone_{k}" for k in range(size.world.num_classes))]
+    report = {"size": size_name, "config": asdict(size), "feature_names": names, "results": results, "timings": timings,
+              "device": str(device), "table": table}
+    (out / "results.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    return report
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=sorted(SIZES), default="ci")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        torch.set_num_threads(1)  # tiny matmuls: 1 thread beats 2 on a shared box (tests/conftest.py)
+    report = run(args.size, args.out)
+    print(report["table"])
+    print(f"\ntimings: " + ", ".join(f"{k} {v:.0f}" for k, v in report["timings"].items()))
+    print(f"wrote {args.out / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

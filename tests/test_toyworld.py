@@ -1,0 +1,117 @@
+"""bench/toyworld.py: the metrics against closed-form answers on synthetic Gaussians, the world's
+own truth through the metrics, and (the CI gate) the whole pipeline at --size ci: the 4-step
+DMD student must be closer to the world than the teacher run at 4 steps."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from bench import toyworld as tw
+from bench import toyworld_metrics as tm
+
+
+# -- metrics: closed forms ------------------------------------------------------------------
+
+def test_frechet_distance_of_diagonal_gaussians_is_closed_form():
+    mu1, mu2 = np.array([0.0, 1.0, 2.0]), np.array([1.0, -1.0, 2.0])
+    a, b = np.array([1.0, 4.0, 9.0]), np.array([4.0, 1.0, 9.0])
+    expected = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()  # 5 + 1 + 1
+    assert tm.frechet_distance_gaussians(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, abs=1e-9)
+
+
+def test_frechet_distance_is_zero_for_equal_full_covariances_and_symmetric():
+    rng = np.random.default_rng(0)
+    m = rng.standard_normal((4, 4))
+    c1, c2 = m @ m.T + 0.1 * np.eye(4), np.diag([1.0, 2.0, 3.0, 4.0])
+    mu = rng.standard_normal(4)
+    assert tm.frechet_distance_gaussians(mu, c1, mu, c1) == pytest.approx(0.0, abs=1e-8)
+    assert tm.frechet_distance_gaussians(mu, c1, 0 * mu, c2) == pytest.approx(
+        tm.frechet_distance_gaussians(0 * mu, c2, mu, c1), rel=1e-8)
+
+
+def test_frechet_distance_from_samples_converges_to_the_mean_shift():
+    rng = np.random.default_rng(1)
+    shift = np.array([1.0, 2.0])
+    x, y = rng.standard_normal((20_000, 2)), rng.standard_normal((20_000, 2)) + shift
+    assert tm.frechet_distance(x, y) == pytest.approx(5.0, abs=0.1)
+
+
+def test_mean_pairwise_distance_of_a_gaussian():
+    # x - y ~ N(0, 2σ²I₂): E|x - y| = σ·√π in two dimensions
+    sigma = 0.5
+    x = sigma * np.random.default_rng(2).standard_normal((3000, 2))
+    assert tm.mean_pairwise_distance(x) == pytest.approx(sigma * math.sqrt(math.pi), rel=0.02)
+    assert tm.diversity_ratio(x, 2 * x) == pytest.approx(0.5)
+
+
+def test_mode_hits_and_coverage():
+    modes = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    rng = np.random.default_rng(3)
+    near_1 = modes[1] + rng.standard_normal((50, 2))
+    assert tm.mode_hits(near_1, modes, 1) == 1.0 and tm.mode_hits(near_1, modes, 0) == 0.0
+    half = np.concatenate([near_1[:25], modes[2] + rng.standard_normal((25, 2))])
+    assert tm.mode_hits(half, modes, 1) == 0.5
+    assert tm.mode_coverage([1.0, 0.5, 0.9]) == pytest.approx(2 / 3)  # 0.5 is not more than half
+
+
+def test_onset_agreement_counts_within_tolerance():
+    event = np.array([1, 2, 3, 4])
+    onset = np.array([4, 9, 20, 17])                  # expected 4, 8, 13, 17 under floor(e * 22 / 5)
+    assert tm.onset_agreement(event, onset, tw.audio_onset, tolerance=1.0) == 0.75
+
+
+# -- the world --------------------------------------------------------------------------------
+
+def test_world_features_recover_the_latent_truth_exactly():
+    world = tw.WorldConfig()
+    clips = tw.sample_world(world, np.repeat(np.arange(3), 50), seed=0)
+    f = tw.features(clips["video"], clips["audio"], 3)
+    event = clips["event"].numpy()
+    np.testing.assert_allclose(f[:, tw.EVENT], event)
+    np.testing.assert_allclose(f[:, tw.ONSET], tw.audio_onset(event))
+    assert set(np.unique(event)) == {1, 2, 3, 4}
+    # the tone channels name the class
+    assert (f[:, 6:].argmax(axis=1) == clips["content"].numpy()).all()
+
+
+def test_world_is_seeded_and_null_prompt_draws_every_class():
+    world = tw.WorldConfig()
+    a = tw.sample_world(world, np.full(300, tw.NULL_CLASS), seed=5)
+    b = tw.sample_world(world, np.full(300, tw.NULL_CLASS), seed=5)
+    assert torch.equal(a["video"], b["video"]) and torch.equal(a["audio"], b["audio"])
+    assert set(a["content"].tolist()) == {0, 1, 2}
+
+
+def fake_samples(world, n, transform=lambda clips: clips, seed=99):
+    out = {}
+    for k in range(world.num_classes):
+        clips = transform(tw.sample_world(world, np.full(n, k), seed + k))
+        out[k] = {"video": clips["video"], "audio": clips["audio"]}
+    return out
+
+
+def test_evaluate_separates_truth_from_blur_and_collapse():
+    world = tw.WorldConfig()
+    n = 64
+
+    def blur(clips):  # the mean of two draws: what a few-step sampler's averaging looks like
+        other = tw.sample_world(world, clips["content"].numpy(), seed=1234)
+        return {"video": (clips["video"] + other["video"]) / 2, "audio": (clips["audio"] + other["audio"]) / 2}
+
+    def collapse(clips):  # one sample repeated: no diversity
+        return {"video": clips["video"][:1].expand_as(clips["video"]).clone(),
+                "audio": clips["audio"][:1].expand_as(clips["audio"]).clone()}
+
+    samples = {"truth": fake_samples(world, n), "blur": fake_samples(world, n, blur),
+               "collapse": fake_samples(world, n, collapse)}
+    r = tw.evaluate(samples, world, truth_per_class=500)
+    assert r["truth"]["mode_coverage"] == 1.0 and r["truth"]["onset_agreement"] == 1.0
+    assert 0.8 < r["truth"]["diversity_ratio"] < 1.2
+    assert r["truth"]["fd_mean"] < 0.5 * r["blur"]["fd_mean"]
+    assert r["truth"]["fd_mean"] < 0.5 * r["collapse"]["fd_mean"]
+    assert r["collapse"]["diversity_ratio"] == pytest.approx(0.0, abs=1e-6)
+    table = tw.markdown_table(r)
+    rows = [name for name, v in r.items() if "fd_mean" in v]
+    assert rows == ["truth (fresh draw)", "truth", "blur", "collapse"]
+    assert table.count("\n") == 1 + len(rows) and "FD mean" in table
