@@ -116,6 +116,18 @@ def make_clip(
 
 # Bad inputs ---------------------------------------------------------------------------------
 
+def make_tiny_manifest(root: Path, n_clips: int) -> Path:
+    """n small talking-head-style clips (0.9 s, 64x64, 24 fps) and their manifest.csv, for the
+    tests that need a real tiny dataset (precompute it with --variant tiny)."""
+    rows = ["video,prompt"]
+    for i in range(n_clips):
+        make_clip(root / f"clip{i}.mp4", seconds=0.9, fps=24, width=64, height=64, seed=i)
+        rows.append(f"clip{i}.mp4,<S>line {i}<E> someone speaks. <AUDCAP>a voice<ENDAUDCAP>")
+    manifest = root / "manifest.csv"
+    manifest.write_text("\n".join(rows) + "\n")
+    return manifest
+
+
 def make_empty(path: str | os.PathLike) -> Path:
     path = Path(path)
     path.write_bytes(b"")

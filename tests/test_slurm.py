@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from clips import make_clip
+from clips import make_tiny_manifest
 from launcher import REPO
 from slurm_cluster import SlurmCluster, SlurmUnavailable
 
@@ -84,13 +84,9 @@ def precompute_job(slurm, tmp_path_factory):
     """launch/precompute.sbatch, 2 ranks, tiny encoders, one sample per shard; preempted (requeued at
     once) as soon as the first shard is finished. Its dataset feeds the distill test."""
     tmp = tmp_path_factory.mktemp("slurm_precompute")
-    rows = ["video,prompt"]
-    for i in range(3):
-        make_clip(tmp / f"clip{i}.mp4", seconds=0.9, fps=24, width=64, height=64, seed=i)
-        rows.append(f"clip{i}.mp4,<S>line {i}<E> someone speaks. <AUDCAP>a voice<ENDAUDCAP>")
-    (tmp / "manifest.csv").write_text("\n".join(rows) + "\n")
+    manifest = make_tiny_manifest(tmp, 3)
     data = tmp / "data"
-    env = job_env(tmp, MANIFEST=str(tmp / "manifest.csv"), DATA=str(data), VARIANT="tiny")
+    env = job_env(tmp, MANIFEST=str(manifest), DATA=str(data), VARIANT="tiny")
     job, out_file, err_file = submit(slurm, "launch/precompute.sbatch", tmp, env, "--samples-per-shard", "1")
     try:
         preempt_and_finish(slurm, job, lambda: any((data / "shards").glob("*.tar")), "the first finished shard")

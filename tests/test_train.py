@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from clips import make_clip
+from clips import make_tiny_manifest
 from distill.models import OviFusion, load_ovi_checkpoint
 from launcher import REPO, run_deepspeed
 
@@ -17,12 +17,8 @@ TRAIN = REPO / "distill" / "train.py"
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("train_data")
-    rows = ["video,prompt"]
-    for i in range(4):
-        make_clip(root / f"clip{i}.mp4", seconds=0.9, fps=24, width=64, height=64, seed=i)
-        rows.append(f"clip{i}.mp4,<S>line {i}<E> someone speaks. <AUDCAP>a voice<ENDAUDCAP>")
-    (root / "manifest.csv").write_text("\n".join(rows) + "\n")
-    subprocess.run([sys.executable, "precompute/encode.py", "--manifest", str(root / "manifest.csv"),
+    manifest = make_tiny_manifest(root, 4)
+    subprocess.run([sys.executable, "precompute/encode.py", "--manifest", str(manifest),
                     "--shards", str(root / "data"), "--variant", "tiny"], cwd=REPO, check=True,
                    capture_output=True, timeout=600)
     return root / "data"
