@@ -26,6 +26,11 @@ class ModelConfig:
     compile_elementwise: bool | None = None  # torch.compile the element-wise ops; None: on for CUDA
     num_layers: int | None = None         # override the variant's depth (benchmarks, experiments)
     random_init: bool = False             # benchmarks only: keep the constructor's init, load nothing
+    # zero3: the teacher's weights are partitioned like the trained engines' (2 bytes/param over all
+    # GPUs), gathered in each of its 2 passes per generator step. replicated: a full bf16 copy on every
+    # GPU (+2 bytes/param/GPU, ~23 GB for Ovi) and no gathers: for GPUs with the memory to spare
+    # (H200/B200) or a slow interconnect, where those gathers cost more than the teacher's compute.
+    teacher_sharding: str = "zero3"
 
 
 @dataclass
@@ -94,6 +99,7 @@ class TrainConfig:
             (self.model.checkpoint is not None or self.model.variant == "tiny" or self.model.random_init, "model.checkpoint",
              "is required for real variants (the official Ovi safetensors file)"),
             (0.0 <= self.ema.decay < 1.0, "ema.decay", "must be in [0, 1)"),
+            (self.model.teacher_sharding in ("zero3", "replicated"), "model.teacher_sharding", "zero3 | replicated"),
             (self.data.batch_size >= 1, "data.batch_size", "must be >= 1"),
             (0.0 <= self.data.i2v_ratio <= 1.0, "data.i2v_ratio", "must be in [0, 1]"),
             (self.log.wandb_mode in ("offline", "online", "disabled"), "log.wandb_mode", "offline | online | disabled"),

@@ -19,7 +19,7 @@ from deepspeed.utils import safe_get_local_fp32_param, set_z3_leaf_modules
 from .config import OptimConfig, TrainConfig
 from .models import OviFusion, init_weights, variant_config
 from .models.layers import FusedCrossAttention, SelfAttention, compile_elementwise_ops
-from .models.loading import load_ovi_checkpoint_zero3, load_state_zero3
+from .models.loading import load_ovi_checkpoint, load_ovi_checkpoint_zero3, load_state_zero3
 
 FUSION_PARAM_MARKERS = ("k_fusion", "v_fusion", "pre_attn_norm_fusion", "norm_k_fusion")
 
@@ -79,6 +79,23 @@ def _build_model(cfg: TrainConfig, ds_cfg: dict, leaf_modules: bool = False) -> 
         source = init_weights(source, seed=cfg.model.init_seed).state_dict()
         load_state_zero3(model, source.__getitem__)
     return model
+
+
+def replicated_teacher(cfg: TrainConfig, ds_cfg: dict) -> OviFusion:
+    """The frozen teacher as a plain module, whole on every rank, in the engines' dtype."""
+    dtype = torch.bfloat16 if ds_cfg.get("bf16", {}).get("enabled") else torch.float32
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    model_cfg = variant_config(cfg.model.variant, cfg.model.num_layers)
+    if cfg.model.random_init:
+        with torch.device(device):
+            model = OviFusion(model_cfg)
+    elif cfg.model.checkpoint:
+        with torch.device("meta"):
+            model = OviFusion(model_cfg)
+        load_ovi_checkpoint(model, cfg.model.checkpoint, dtype=dtype, device=str(device))
+    else:
+        model = init_weights(OviFusion(model_cfg), seed=cfg.model.init_seed)
+    return model.to(device=device, dtype=dtype).requires_grad_(False).eval()
 
 
 class FP32ShardEMA:
@@ -143,7 +160,9 @@ def build_engines(cfg: TrainConfig, ds_config: dict) -> Engines:
         return engine
 
     teacher = None
-    if cfg.objective == "dmd":
+    if cfg.objective == "dmd" and cfg.model.teacher_sharding == "replicated":
+        teacher = replicated_teacher(cfg, configs["teacher"])
+    elif cfg.objective == "dmd":
         model = _build_model(cfg, configs["teacher"], leaf_modules=True).requires_grad_(False)
         teacher, *_ = deepspeed.initialize(model=model, config=configs["teacher"])
         teacher.eval()

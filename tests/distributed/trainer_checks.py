@@ -123,6 +123,16 @@ for step in range(3, 6):
 result["ema_moved"] = max((e - i).abs().max().item() for e, i in zip(engines.ema.shards, initial))
 result["ema_vs_reference"] = max((e - r).abs().max().item() for e, r in zip(engines.ema.shards, reference))
 result["ema_vs_weights"] = max((e - c).abs().max().item() for e, c in zip(engines.ema.shards, current))
+# model.teacher_sharding=replicated: a plain whole copy gives the ZeRO-3 teacher's outputs (SLG pass too).
+from distill.engines import engine_configs, replicated_teacher
+
+replicated = replicated_teacher(cfg, engine_configs(ds_config, cfg)["teacher"])
+probe = next(batches)
+t = torch.full((probe.size,), 700.0)
+with torch.no_grad():
+    pairs = [(engines.teacher(probe.video, probe.audio, t, probe.text, probe.text, skip_block=skip),
+              replicated(probe.video, probe.audio, t, probe.text, probe.text, skip_block=skip)) for skip in (None, 1)]
+result["replicated_teacher_max_diff"] = max((a - b).abs().max().item() for za, zb in pairs for a, b in zip(za, zb))
 teacher_after = gathered(engines.teacher.module)
 result["teacher_max_change"] = max((teacher_after[k] - teacher_before[k]).abs().max().item() for k in teacher_before)
 result["generator_changed"] = max((generator_now[k] - teacher_before[k]).abs().max().item() for k in teacher_before)
