@@ -14,10 +14,15 @@ exit index (1.5 extra no-grad student forwards) is reported too.
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
 import os
+import pstats
 import sys
 import time
+from collections import defaultdict
+from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -29,7 +34,7 @@ import torch.distributed as dist
 from distill import dmd
 from distill.batch import Batch
 from distill.config import load_config
-from distill.engines import build_engines
+from distill.engines import build_engines, engine_configs, replicated_teacher
 
 GRIDS = {"720x720": (31, 44, 44), "704x1280": (31, 44, 80)}
 AUDIO, TEXT = 157, 512
@@ -41,13 +46,111 @@ def fused_block_flops(n_v, n_a, d=3072, d_ff=14336, l_t=TEXT):
     return branch(n_v, n_a) + branch(n_a, n_v)
 
 
-def synthetic_batch(grid, text_len, text_dim, device, dtype) -> Batch:
+def synthetic_batch(grid, text_len, text_dim, device, dtype, batch=1) -> Batch:
     f, h, w = grid
     g = torch.Generator(device=device).manual_seed(dist.get_rank())
-    video = torch.randn(1, 48, f, h, w, generator=g, device=device, dtype=dtype)
-    text = lambda: torch.randn(1, text_len, text_dim, generator=g, device=device, dtype=dtype)
-    return Batch(video=video, audio=torch.randn(1, AUDIO, 20, generator=g, device=device, dtype=dtype),
+    video = torch.randn(batch, 48, f, h, w, generator=g, device=device, dtype=dtype)
+    text = lambda: torch.randn(batch, text_len, text_dim, generator=g, device=device, dtype=dtype)
+    return Batch(video=video, audio=torch.randn(batch, AUDIO, 20, generator=g, device=device, dtype=dtype),
                  text=text(), neg_text_video=text(), neg_text_audio=text(), image_latent=video[:, :, :1])
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+class PhaseClock:
+    """Seconds per phase of a step, with a device sync around each phase (so phases lose their
+    overlap: use for the breakdown only, never for the headline step time)."""
+
+    def __init__(self):
+        self.seconds = defaultdict(float)
+
+    @contextmanager
+    def phase(self, name):
+        sync()
+        t0 = time.perf_counter()
+        yield
+        sync()
+        self.seconds[name] += time.perf_counter() - t0
+
+    def wrap(self, model, name):
+        def call(*args, **kwargs):
+            with self.phase(f"{name} fwd{'' if torch.is_grad_enabled() else ' (no grad)'}"):
+                return model(*args, **kwargs)
+        return call
+
+
+def comm_test(device) -> dict:
+    """Collective bandwidth between the GPUs: all-gather and reduce-scatter of bf16 buffers of the
+    sizes ZeRO-3 moves (one Linear .. one bucket), as bytes of the gathered tensor per second."""
+    world, out = dist.get_world_size(), {}
+    for mib in (32, 256, 1024):
+        numel = mib * 2**20 // 2
+        full = torch.empty(numel, device=device, dtype=torch.bfloat16)
+        part = torch.ones(numel // world, device=device, dtype=torch.bfloat16)
+        for name, fn in (("all_gather", lambda: dist.all_gather_into_tensor(full, part)),
+                         ("reduce_scatter", lambda: dist.reduce_scatter_tensor(part, full))):
+            fn()
+            seconds = timed(fn, 5)
+            out[f"{name}_{mib}MiB_GBps"] = mib * 2**20 / seconds / 1e9
+    return out
+
+
+def plain_reference(layers, grid, device, iters):
+    """The same OviFusion blocks without DeepSpeed (one GPU, bf16, random weights, compiled
+    element-wise ops): the time of a no-grad forward and of a checkpointed forward+backward,
+    i.e. the compute a DMD step cannot avoid."""
+    from distill.models import OviFusion, variant_config
+    from distill.models.layers import compile_elementwise_ops
+    compile_elementwise_ops()
+    with torch.device("meta"):
+        model = OviFusion(variant_config("960x960_5s", layers))
+    model = model.to_empty(device=device).to(torch.bfloat16)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    model.gradient_checkpointing = True
+    batch = synthetic_batch(grid, model.cfg.video.text_len, model.cfg.video.text_dim, device, torch.bfloat16)
+    t = torch.full((1,), 500.0, device=device)
+    args = (batch.video, batch.audio, t, batch.text, batch.text)
+
+    def forward():
+        with torch.no_grad():
+            model.eval()(*args, first_frame_clean=True)
+
+    def forward_backward():
+        v, a = model.train()(*args, first_frame_clean=True)
+        (v.float().square().mean() + a.float().square().mean()).backward()
+        model.zero_grad(set_to_none=True)
+
+    out = {}
+    for name, fn in (("forward_s", forward), ("forward_backward_ckpt_s", forward_backward)):
+        fn()
+        out[name] = timed(fn, iters)
+    del model
+    torch.cuda.empty_cache()
+    return out
+
+
+CATEGORIES = (("nccl", ("nccl",)), ("attention", ("flash", "fmha", "cudnn", "attn", "sdpa")),
+              ("gemm", ("gemm", "cutlass", "xmma", "nvjet", "sm90", "sm100")), ("triton", ("triton",)),
+              ("copy/fill", ("memcpy", "memset", "copy", "fill", "cat")))
+
+
+def kernel_categories(prof) -> dict[str, float]:
+    """Device seconds per kernel category (nccl kernels run on their own streams, so the compute
+    stream's busy time is the sum of the other categories)."""
+    out = defaultdict(float)
+    for evt in prof.key_averages():
+        if evt.self_device_time_total <= 0 or evt.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        if evt.key.startswith("nccl:") or "#" in evt.key:  # GPU-side annotations repeat their kernels' time
+            continue
+        name = evt.key.lower()
+        category = next((c for c, keys in CATEGORIES if any(k in name for k in keys)), "other")
+        out[category] += evt.self_device_time_total / 1e6
+    return dict(out)
 
 
 def timed(fn, iters):
@@ -71,6 +174,13 @@ def main():
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--out", default="dmd_step.json")
     parser.add_argument("--smoke", action="store_true", help="tiny width on CPU, to check the script")
+    parser.add_argument("--breakdown", action="store_true", help="per-phase seconds (synced) of one generator and one critic step")
+    parser.add_argument("--profile", default=None, help="folder: torch.profiler + cProfile tables of one step of each kind (rank 0)")
+    parser.add_argument("--reference", action="store_true", help="time the same blocks without DeepSpeed first")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1], help="samples per GPU")
+    parser.add_argument("--teacher", choices=["zero3", "replicated", "both"], default="zero3",
+                        help="model.teacher_sharding; both: time the generator step with each")
+    parser.add_argument("--comm-test", action="store_true", help="measure all-gather / reduce-scatter bandwidth first")
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
 
@@ -82,22 +192,36 @@ def main():
         torch.cuda.set_device(device)
     variant = "tiny" if args.smoke else "960x960_5s"
     grids = {"smoke": (3, 4, 4)} if args.smoke else {k: GRIDS[k] for k in args.grids}
+    reference, comm = {}, {}
+    if args.comm_test and cuda:
+        comm = comm_test(device)
+        if rank == 0:
+            print(json.dumps({"comm": comm}), flush=True)
+    if args.reference and cuda:
+        for name, grid in grids.items():
+            reference[name] = plain_reference(args.layers, grid, device, args.iters)
+            if rank == 0:
+                print(json.dumps({"plain_reference": name, **reference[name]}), flush=True)
     cfg = load_config(None, [f"model.variant={variant}", "model.random_init=true", f"model.num_layers={args.layers}",
-                             "ema.enabled=true", "dmd.slg_block=1", "log.wandb_mode=disabled"])
+                             "ema.enabled=true", "dmd.slg_block=1", "log.wandb_mode=disabled",
+                             f"model.teacher_sharding={'replicated' if args.teacher == 'replicated' else 'zero3'}"])
     ds_config = json.loads((Path(__file__).resolve().parents[1] / "ds_configs/zero3.json").read_text())
     engines = build_engines(cfg, ds_config)
+    teachers = {cfg.model.teacher_sharding: engines.teacher}
+    if args.teacher == "both":
+        teachers["replicated"] = replicated_teacher(cfg, engine_configs(ds_config, cfg)["teacher"])
     params = sum(p.ds_numel for p in engines.generator.module.parameters())
     text_len, text_dim = engines.generator.module.cfg.video.text_len, engines.generator.module.cfg.video.text_dim
     rng = torch.Generator(device=device).manual_seed(rank)
-    results = {"world": world, "layers": args.layers, "params_per_model": params,
+    results = {"world": world, "layers": args.layers, "params_per_model": params, "comm": comm,
                "device": torch.cuda.get_device_name() if cuda else "cpu", "rows": []}
-    for name, grid in grids.items():
-        batch = synthetic_batch(grid, text_len, text_dim, device, torch.bfloat16)
+    for (name, grid), batch_size in [(g, b) for g in grids.items() for b in args.batches]:
+        batch = synthetic_batch(grid, text_len, text_dim, device, torch.bfloat16, batch_size)
         n_v, n_a = grid[0] * grid[1] * grid[2] // 4, AUDIO
-        forward = args.layers * fused_block_flops(n_v, n_a) if not args.smoke else 1.0
+        forward = batch_size * args.layers * fused_block_flops(n_v, n_a) if not args.smoke else 1.0
 
-        def generator_step(exit_index):
-            loss, _ = dmd.generator_loss(engines.generator, engines.fake_score, engines.teacher, batch, exit_index, cfg.dmd, rng)
+        def generator_step(exit_index, teacher=engines.teacher):
+            loss, _ = dmd.generator_loss(engines.generator, engines.fake_score, teacher, batch, exit_index, cfg.dmd, rng)
             engines.generator.backward(loss)
             engines.generator.step()
             engines.ema.update(10**9)
@@ -109,18 +233,74 @@ def main():
 
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        for k in range(4):  # warm-up every exit index: compiled kernels, trace caches, allocator
+        for k in range(4) if not results["rows"] else (0, 3):  # warm-up: compiled kernels, trace caches, allocator
             generator_step(k)
             critic_step(k)
         gen = timed(lambda: generator_step(0), args.iters)
         critic = timed(lambda: critic_step(0), args.iters)
         gen_mean = sum(timed(lambda: generator_step(k), 1) for k in range(4)) / 4     # exit index ~ U{0..3}
         critic_mean = sum(timed(lambda: critic_step(k), 1) for k in range(4)) / 4
-        row = {"grid": name, "video_tokens": n_v, "generator_s": gen, "critic_s": critic,
+        row = {"grid": name, "video_tokens": n_v, "batch_per_gpu": batch_size, "teacher": cfg.model.teacher_sharding,
+               "generator_s": gen, "critic_s": critic,
                "generator_tflops_per_gpu": 7 * forward / gen / 1e12, "critic_tflops_per_gpu": 5 * forward / critic / 1e12,
                "generator_s_random_exit": gen_mean, "critic_s_random_exit": critic_mean,
                "cycle_s": gen_mean + 5 * critic_mean,  # 1 generator + 5 critic updates
                "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0}
+        if "replicated" in teachers and args.teacher == "both":
+            other = teachers["replicated"]
+            generator_step(0, other)
+            row["generator_s_replicated_teacher"] = timed(lambda: generator_step(0, other), args.iters)
+            row["generator_tflops_per_gpu_replicated_teacher"] = 7 * forward / row["generator_s_replicated_teacher"] / 1e12
+            row["cycle_s_replicated_teacher"] = gen_mean - gen + row["generator_s_replicated_teacher"] + 5 * critic_mean
+        if name in reference and batch_size == 1:
+            ref = reference[name]
+            row["plain_generator_s"] = 3 * ref["forward_s"] + ref["forward_backward_ckpt_s"]
+            row["plain_critic_s"] = ref["forward_s"] + ref["forward_backward_ckpt_s"]
+        if args.breakdown:
+            clock = PhaseClock()
+            g, f, t = engines.generator, engines.fake_score, engines.teacher
+            for _ in range(args.iters):
+                with clock.phase("generator step total"):
+                    loss, _ = dmd.generator_loss(clock.wrap(g, "G"), clock.wrap(f, "F"), clock.wrap(t, "R"), batch, 0, cfg.dmd, rng)
+                    with clock.phase("G backward"):
+                        g.backward(loss)
+                    with clock.phase("G optimizer step"):
+                        g.step()
+                    with clock.phase("EMA update"):
+                        engines.ema.update(10**9)
+                with clock.phase("critic step total"):
+                    loss, _ = dmd.critic_loss(clock.wrap(g, "G"), clock.wrap(f, "F"), batch, 0, cfg.dmd, rng)
+                    with clock.phase("F backward"):
+                        f.backward(loss)
+                    with clock.phase("F optimizer step"):
+                        f.step()
+            row["breakdown_s"] = {k: v / args.iters for k, v in clock.seconds.items()}
+        if args.profile:
+            folder = Path(args.profile)
+            folder.mkdir(parents=True, exist_ok=True)
+            for kind, fn in (("generator", lambda: generator_step(0)), ("critic", lambda: critic_step(0))):
+                fn()
+                sync()
+                activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+                with torch.profiler.profile(activities=activities) as prof:
+                    t0 = time.perf_counter()
+                    fn()
+                    sync()
+                    wall = time.perf_counter() - t0
+                profiler = cProfile.Profile()
+                profiler.enable()
+                fn()
+                sync()
+                profiler.disable()
+                if rank == 0:
+                    row[f"{kind}_kernel_s"] = {"wall_s": wall, **kernel_categories(prof)} if cuda else {"wall_s": wall}
+                    table = prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=40)
+                    cpu_table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
+                    stats = io.StringIO()
+                    pstats.Stats(profiler, stream=stats).sort_stats("tottime").print_stats(40)
+                    pstats.Stats(profiler, stream=stats).sort_stats("cumulative").print_stats(60)
+                    (folder / f"{name}_b{batch_size}_{kind}_kernels.txt").write_text(table + "\n\n" + cpu_table)
+                    (folder / f"{name}_b{batch_size}_{kind}_python.txt").write_text(stats.getvalue())
         results["rows"].append(row)
         if rank == 0:
             print(json.dumps(row), flush=True)
