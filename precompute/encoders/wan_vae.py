@@ -16,6 +16,7 @@ Normalisation always runs in float32, whatever dtype the model runs in (Ovi runs
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -77,11 +78,35 @@ def _check_video(video: torch.Tensor, temporal_stride: int, spatial_stride: int)
         raise ValueError(f"video H and W must be multiples of {spatial_stride}, got {height}x{width}")
 
 
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How `WanVideoVAE.decode` runs (speed and memory only; see wan_vae_modules' docstring).
+
+    chunk: latent frames per decoder call (1 = the official frame-by-frame decode). On a GPU a
+        larger chunk gives every conv `4 * chunk` frames of work instead of 4; memory grows
+        ~linearly with it (at 704x704 in bf16 roughly 2-3 GiB per latent frame of chunk).
+    first_alone: frame 0 in its own call, the rest `chunk` at a time (equal shapes).
+    channels_last: NDHWC activations and weights (tensor-core friendly convs on GPU).
+    conv_as_2d: each causal 3-D conv as one 2-D conv over its time taps stacked into channels
+        (cuDNN's 2-D kernels are the most tuned; costs kt x the conv's input in memory).
+    Fused element-wise kernels are global: `wan_vae_modules.compile_decoder_ops()`.
+    """
+    chunk: int = 1
+    first_alone: bool = True
+    channels_last: bool = False
+    conv_as_2d: bool = False
+
+    def __post_init__(self) -> None:
+        if self.chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {self.chunk}")
+
+
 class WanVideoVAE:
     """The Wan2.2 VAE with Ovi's latent normalisation: what precompute encodes with and sampling decodes with."""
 
     def __init__(self, model: WanVAEModel):
         self.model = model.eval().requires_grad_(False)
+        self._decoder_channels_last = False
         device = next(model.parameters()).device
         self.latent_mean, self.latent_inv_std = latent_constants(device)
         self.latent_std = torch.tensor(LATENT_STD_48, dtype=torch.float32, device=device)
@@ -135,10 +160,17 @@ class WanVideoVAE:
         return self.encode(image)
 
     @torch.no_grad()
-    def decode(self, latent: torch.Tensor, clamp: bool = True) -> torch.Tensor:
-        """Normalised latent [B,48,T,h,w] -> video [B,3,1+4(T-1),16h,16w] float32, clamped to [-1,1] unless clamp=False."""
+    def decode(self, latent: torch.Tensor, clamp: bool = True, options: DecodeOptions = DecodeOptions()) -> torch.Tensor:
+        """Normalised latent [B,48,T,h,w] -> video [B,3,1+4(T-1),16h,16w] float32, clamped to [-1,1] unless clamp=False.
+
+        `options` only changes speed and memory (chunking, layout); the numbers equal the default
+        frame-by-frame decode up to floating-point summation order."""
         if latent.dim() != 5 or latent.shape[1] != self.config.z_dim:
             raise ValueError(f"latent must be [B,{self.config.z_dim},T,h,w], got {list(latent.shape)}")
+        if options.channels_last != self._decoder_channels_last:
+            self.model.decoder_memory_format(options.channels_last)
+            self._decoder_channels_last = options.channels_last
         mu = denormalize_latent(latent.to(self.device), self.latent_mean, self.latent_inv_std)
-        video = self.model.decode(mu.to(self.dtype)).float()
+        video = self.model.decode(mu.to(self.dtype), chunk=options.chunk, first_alone=options.first_alone,
+                                  channels_last=options.channels_last, conv_as_2d=options.conv_as_2d).float()
         return video.clamp_(-1.0, 1.0) if clamp else video

@@ -11,10 +11,22 @@ encoder on frame 0 and then 4-frame chunks, the decoder one latent frame at a ti
 `CausalCache` carries, per layer, the frames that layer needs from earlier chunks. Missing history
 is zeros, which is exactly the official left zero-padding, so the chunked result equals the
 official chunked result.
+
+Fast decode (issue 5). The decoder may also take several latent frames per call
+(`WanVAEModel.decode(chunk=...)`): every layer is causal in time or per-frame, so a call on frames
+[i, j) with the cache of frames [0, i) computes the same numbers as j - i one-frame calls (up to
+the summation order the conv algorithms pick). The first-frame special case (frame 0 expands to
+one pixel frame, and the frame after it sees zeros, not frame 0, in the temporal upsamplers) is
+kept inside a multi-frame first chunk. Other levers: channels-last activations and weights
+(`decoder_memory_format`), each 3-D conv as a 2-D conv over its stacked time taps
+(`decode(conv_as_2d=True)`), and fused element-wise kernels (`compile_decoder_ops`: RMSNorm + SiLU
+as one torch.compile kernel). The defaults (one frame per call, contiguous, eager) are the
+official computation.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +38,56 @@ PATCHED_CHANNELS = RGB_CHANNELS * PATCH * PATCH
 
 # Per-layer memory of earlier chunks, keyed by the layer itself. One dict per encode/decode call.
 CausalCache = dict[nn.Module, torch.Tensor]
+
+
+def _rms_norm(x: torch.Tensor, gamma: torch.Tensor, scale: float) -> torch.Tensor:
+    return F.normalize(x, dim=1) * scale * gamma
+
+
+def _rms_norm_silu(x: torch.Tensor, gamma: torch.Tensor, scale: float) -> torch.Tensor:
+    return F.silu(F.normalize(x, dim=1) * scale * gamma)
+
+
+# The element-wise steps, swappable for torch.compile'd versions (`compile_decoder_ops`). Eager, they
+# are exactly the op sequence of RMSNorm followed by nn.SiLU.
+OPS = SimpleNamespace(rms_norm=_rms_norm, rms_norm_silu=_rms_norm_silu)
+_EAGER_OPS = dict(vars(OPS))
+
+
+def compile_decoder_ops(enabled: bool = True) -> None:
+    """Fuse each RMSNorm (+ SiLU) into one kernel with torch.compile (GPU; encoder and decoder).
+
+    Only these pure functions are compiled: the convolutions stay cuDNN calls and the causal cache
+    stays in Python. Shapes change with the chunk and the stage, so the graphs are compiled with
+    dynamic shapes (one per memory layout and one-frame-or-more: a handful). The compiled version
+    multiplies by (gamma * scale) once, so it equals the eager one up to rounding."""
+    if not enabled:
+        for name, fn in _EAGER_OPS.items():
+            setattr(OPS, name, fn)
+        return
+    if not _COMPILED_OPS:   # built once: turning it off and on again reuses the compiled graphs
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        norm = torch.compile(lambda x, g: F.normalize(x, dim=1) * g, dynamic=True)
+        norm_silu = torch.compile(lambda x, g: F.silu(F.normalize(x, dim=1) * g), dynamic=True)
+        # gamma * scale outside the graph: a float argument would be specialised (one graph per width)
+        _COMPILED_OPS.update(rms_norm=lambda x, gamma, scale: norm(x, gamma * scale),
+                             rms_norm_silu=lambda x, gamma, scale: norm_silu(x, gamma * scale))
+    for name, fn in _COMPILED_OPS.items():
+        setattr(OPS, name, fn)
+
+
+_COMPILED_OPS: dict = {}
+
+
+# On while a decode runs with conv_as_2d=True (CausalConv3d then uses `_as_conv2d`).
+_CONV_AS_2D = {"on": False}
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    """channels_last_3d when x is laid out NDHWC (and not trivially also NCDHW), else contiguous."""
+    if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
 
 
 @dataclass(frozen=True)
@@ -72,10 +134,22 @@ def unpatchify(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 1, 4, 5, 3, 6, 2).reshape(b, c, f, h * PATCH, w * PATCH)
 
 
-def per_frame(fn, x: torch.Tensor) -> torch.Tensor:
-    """Apply a 2-D (NCHW) op to every frame of a [B,C,T,H,W] tensor."""
+# cuDNN convs (per sample) and some CUDA kernels (NHWC nearest upsampling) index with 32 bits: larger
+# calls are cut into pieces along time/frames (same numbers; only happens for big decode chunks).
+MAX_ELEMENTS = 2**31 - 1
+PER_FRAME_GROWTH = 4   # the largest output/input size ratio of a per-frame op (x2 spatial upsampling)
+
+
+def per_frame(fn, x: torch.Tensor, growth: int | None = PER_FRAME_GROWTH) -> torch.Tensor:
+    """Apply a 2-D (NCHW) op to every frame of a [B,C,T,H,W] tensor (in pieces of frames whose
+    input times `growth` fits MAX_ELEMENTS; growth=None: one call, for ops that split themselves)."""
     b, c, t, h, w = x.shape
-    y = fn(x.transpose(1, 2).reshape(b * t, c, h, w))
+    frames = x.transpose(1, 2).reshape(b * t, c, h, w)
+    step = b * t if growth is None else max(1, MAX_ELEMENTS // (growth * c * h * w))
+    if step >= b * t:
+        y = fn(frames)
+    else:
+        y = torch.cat([fn(frames[i:i + step]) for i in range(0, b * t, step)], dim=0)
     return y.view(b, t, *y.shape[1:]).transpose(1, 2)
 
 
@@ -85,21 +159,52 @@ class CausalConv3d(nn.Conv3d):
     """Conv3d whose temporal padding is all on the past side, fed from a `CausalCache` when chunked."""
 
     def __init__(self, in_dim: int, out_dim: int, kernel_size, stride=1, padding=0):
-        super().__init__(in_dim, out_dim, kernel_size, stride=stride, padding=0)
         pad_t, pad_h, pad_w = (padding,) * 3 if isinstance(padding, int) else padding
+        # spatial zero padding inside the conv (no padded copy of the input); time padding is causal
+        super().__init__(in_dim, out_dim, kernel_size, stride=stride, padding=(0, pad_h, pad_w))
         self.past_frames = 2 * pad_t
-        self.spatial_padding = (pad_w, pad_w, pad_h, pad_h)
 
     def forward(self, x: torch.Tensor, cache: CausalCache | None = None) -> torch.Tensor:
         if self.past_frames:
             past = None if cache is None else cache.get(self)
             if past is None:
                 b, c, _, h, w = x.shape
-                past = x.new_zeros(b, c, self.past_frames, h, w)
+                past = torch.empty((b, c, self.past_frames, h, w), dtype=x.dtype, device=x.device,
+                                   memory_format=_memory_format(x)).zero_()
             x = torch.cat([past, x], dim=2)
             if cache is not None:
                 cache[self] = x[:, :, -self.past_frames:].clone()
-        return super().forward(F.pad(x, self.spatial_padding))
+        if _CONV_AS_2D["on"] and self.stride[0] == 1:
+            return self._as_conv2d(x)
+        return self._conv3d(x)
+
+    def _conv3d(self, x: torch.Tensor) -> torch.Tensor:
+        """The 3-D conv, cut along output time when one sample is too large for cuDNN's 32-bit indexing."""
+        kt, st = self.kernel_size[0], self.stride[0]
+        c, t, h, w = x.shape[1:]
+        frames_out = (t - kt) // st + 1
+        per_frame_elems = max(c, self.out_channels) * h * w
+        step = (MAX_ELEMENTS // per_frame_elems - kt) // st + 1   # output frames whose input fits
+        if st != 1 or step >= frames_out or step < 1:
+            return super().forward(x)
+        return torch.cat([super(CausalConv3d, self).forward(x[:, :, i:i + step + kt - 1])
+                          for i in range(0, frames_out, step)], dim=2)
+
+    def _as_conv2d(self, x: torch.Tensor) -> torch.Tensor:
+        """The same sums as the 3-D conv, as one 2-D conv per output frame: the kt temporal taps
+        stacked into channels (tap-major) against the weight [out, kt*in, kh, kw]."""
+        kt = self.kernel_size[0]
+        frames = x.shape[2] - kt + 1
+        taps = x if kt == 1 else torch.cat([x[:, :, i:i + frames] for i in range(kt)], dim=1)
+        fmt = torch.channels_last if _memory_format(taps) == torch.channels_last_3d else torch.contiguous_format
+        key = (self.weight.data_ptr(), self.weight._version, fmt)
+        if getattr(self, "_weight_2d", (None,))[0] != key:
+            weight = self.weight.transpose(1, 2).reshape(self.out_channels, kt * self.in_channels, *self.kernel_size[1:])
+            self._weight_2d = (key, weight.contiguous(memory_format=fmt))
+        weight = self._weight_2d[1]
+        # F.conv2d cuts its batch (the frames) for cuDNN's 32-bit indexing itself
+        return per_frame(lambda f: F.conv2d(f, weight, self.bias, self.stride[1:], self.padding[1:]), taps,
+                         growth=None)
 
 
 class RMSNorm(nn.Module):
@@ -111,7 +216,11 @@ class RMSNorm(nn.Module):
         self.gamma = nn.Parameter(torch.ones(dim, 1, 1) if images else torch.ones(dim, 1, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(x, dim=1) * self.scale * self.gamma
+        return OPS.rms_norm(x, self.gamma, self.scale)
+
+
+def _norm_silu(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
+    return OPS.rms_norm_silu(x, norm.gamma, norm.scale)
 
 
 class ResidualBlock(nn.Module):
@@ -127,8 +236,9 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
         skip = self.shortcut(x)
-        for layer in self.residual:
-            x = layer(x, cache) if isinstance(layer, CausalConv3d) else layer(x)
+        norm1, _, conv1, norm2, _, _, conv2 = self.residual   # SiLU and the dropout slot are fused/skipped
+        x = conv1(_norm_silu(norm1, x), cache)
+        x = conv2(_norm_silu(norm2, x), cache)
         return x + skip
 
 
@@ -172,9 +282,12 @@ class Resample(nn.Module):
 
     def _double_frames(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
         b, c, t, h, w = x.shape
-        y = self.time_conv(x, cache).view(b, 2, c, t, h, w)
-        # the two halves of the channels are frames 2t and 2t+1
-        return torch.stack((y[:, 0], y[:, 1]), dim=3).reshape(b, c, 2 * t, h, w)
+        y = self.time_conv(x, cache)
+        # the two halves of the channels are frames 2t and 2t+1 (written in y's own memory layout)
+        out = torch.empty((b, c, 2 * t, h, w), dtype=y.dtype, device=y.device, memory_format=_memory_format(y))
+        out[:, :, 0::2] = y[:, :c]
+        out[:, :, 1::2] = y[:, c:]
+        return out
 
     def _halve_frames(self, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
         past = cache.get(self)
@@ -184,8 +297,13 @@ class Resample(nn.Module):
         return self.time_conv(torch.cat([past, x], dim=2))
 
     def forward(self, x: torch.Tensor, cache: CausalCache, first_chunk: bool = False) -> torch.Tensor:
-        if self.mode == "upsample3d" and not first_chunk:
-            x = self._double_frames(x, cache)
+        if self.mode == "upsample3d":
+            if not first_chunk:
+                x = self._double_frames(x, cache)
+            elif x.shape[2] > 1:
+                # frame 0 passes through undoubled; the frames after it start the temporal cache
+                # from zeros (the official "Rep" marker), exactly as when they come one per call
+                x = torch.cat([x[:, :, :1], self._double_frames(x[:, :, 1:], cache)], dim=2)
         x = per_frame(self.resample, x)
         if self.mode == "downsample3d":
             x = self._halve_frames(x, cache)
@@ -279,9 +397,8 @@ def _run_middle(middle: nn.Sequential, x: torch.Tensor, cache: CausalCache) -> t
 
 
 def _run_head(head: nn.Sequential, x: torch.Tensor, cache: CausalCache) -> torch.Tensor:
-    for layer in head:
-        x = layer(x, cache) if isinstance(layer, CausalConv3d) else layer(x)
-    return x
+    norm, _, conv = head
+    return conv(_norm_silu(norm, x), cache)
 
 
 class Encoder3d(nn.Module):
@@ -326,9 +443,10 @@ class Decoder3d(nn.Module):
         self.head = _head(dims[-1], PATCHED_CHANNELS)
 
     def forward(self, x: torch.Tensor, cache: CausalCache, first_chunk: bool) -> torch.Tensor:
+        fmt = _memory_format(x)   # keep a channels-last decode channels-last through the reshuffles
         x = _run_middle(self.middle, self.conv1(x, cache), cache)
         for stage in self.upsamples:
-            x = stage(x, cache, first_chunk)
+            x = stage(x, cache, first_chunk).contiguous(memory_format=fmt)
         return _run_head(self.head, x, cache)
 
 
@@ -358,12 +476,49 @@ class WanVAEModel(nn.Module):
         mu, _log_var = out.chunk(2, dim=1)
         return mu
 
-    def decode(self, mu: torch.Tensor) -> torch.Tensor:
-        """Posterior mean [B,z,T,h,w] -> unclamped pixels [B,3,1+4(T-1),16h,16w], one latent frame per call."""
+    def decode(self, mu: torch.Tensor, chunk: int = 1, first_alone: bool = True,
+               channels_last: bool = False, conv_as_2d: bool = False) -> torch.Tensor:
+        """Posterior mean [B,z,T,h,w] -> unclamped pixels [B,3,1+4(T-1),16h,16w].
+
+        chunk: latent frames per decoder call (1: the official frame-by-frame decode; more keeps a
+        GPU busier, same numbers up to summation order). first_alone: frame 0 gets its own call
+        and the rest go `chunk` at a time (31 latent frames = 1 + 5 calls of 6: equal shapes for
+        cuDNN autotuning and compile); False: the first call takes frames 0..chunk-1.
+        channels_last: run the decoder on NDHWC activations (pair with `decoder_memory_format`).
+        conv_as_2d: every temporal conv as a 2-D conv over its time taps stacked into channels
+        (`CausalConv3d._as_conv2d`: one big tensor-core GEMM per conv, kt x its input in memory).
+        """
         x = self.conv2(mu)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
         cache: CausalCache = {}
-        frames = [self.decoder(x[:, :, i:i + 1], cache, first_chunk=i == 0) for i in range(x.shape[2])]
+        before, _CONV_AS_2D["on"] = _CONV_AS_2D["on"], conv_as_2d
+        try:
+            frames = [self.decoder(x[:, :, start:stop], cache, first_chunk=start == 0)
+                      for start, stop in decode_chunks(x.shape[2], chunk, first_alone)]
+        finally:
+            _CONV_AS_2D["on"] = before
         return unpatchify(torch.cat(frames, dim=2))
+
+    def decoder_memory_format(self, channels_last: bool = True) -> WanVAEModel:
+        """Lay the decoder's conv weights out channels-last (NDHWC / NHWC), or back (in place)."""
+        for module in (self.conv2, self.decoder):
+            for sub in module.modules():
+                if isinstance(sub, (nn.Conv3d, nn.Conv2d)):
+                    fmt = ((torch.channels_last_3d if isinstance(sub, nn.Conv3d) else torch.channels_last)
+                           if channels_last else torch.contiguous_format)
+                    sub.weight.data = sub.weight.data.contiguous(memory_format=fmt)
+        return self
+
+
+def decode_chunks(num_frames: int, chunk: int = 1, first_alone: bool = True) -> list[tuple[int, int]]:
+    """[start, stop) latent-frame ranges of the decoder calls."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    start = 1 if first_alone and num_frames > 0 else 0
+    bounds = [(0, 1)] if start else []
+    bounds += [(i, min(i + chunk, num_frames)) for i in range(start, num_frames, chunk)]
+    return bounds
 
 
 def parameter_count(model: nn.Module) -> int:
