@@ -177,9 +177,11 @@ def main():
     parser.add_argument("--breakdown", action="store_true", help="per-phase seconds (synced) of one generator and one critic step")
     parser.add_argument("--profile", default=None, help="folder: torch.profiler + cProfile tables of one step of each kind (rank 0)")
     parser.add_argument("--reference", action="store_true", help="time the same blocks without DeepSpeed first")
+    parser.add_argument("--per-linear-fetch", action="store_true", help="model.zero3_leaf_modules=false")
     parser.add_argument("--batches", type=int, nargs="+", default=[1], help="samples per GPU")
     parser.add_argument("--teacher", choices=["zero3", "replicated", "both"], default="zero3",
                         help="model.teacher_sharding; both: time the generator step with each")
+    parser.add_argument("--no-random-exit", action="store_true", help="skip the random-exit (cycle) timings")
     parser.add_argument("--comm-test", action="store_true", help="measure all-gather / reduce-scatter bandwidth first")
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
@@ -204,7 +206,8 @@ def main():
                 print(json.dumps({"plain_reference": name, **reference[name]}), flush=True)
     cfg = load_config(None, [f"model.variant={variant}", "model.random_init=true", f"model.num_layers={args.layers}",
                              "ema.enabled=true", "dmd.slg_block=1", "log.wandb_mode=disabled",
-                             f"model.teacher_sharding={'replicated' if args.teacher == 'replicated' else 'zero3'}"])
+                             f"model.teacher_sharding={'replicated' if args.teacher == 'replicated' else 'zero3'}",
+                             f"model.zero3_leaf_modules={str(not args.per_linear_fetch).lower()}"])
     ds_config = json.loads((Path(__file__).resolve().parents[1] / "ds_configs/zero3.json").read_text())
     engines = build_engines(cfg, ds_config)
     teachers = {cfg.model.teacher_sharding: engines.teacher}
@@ -238,9 +241,12 @@ def main():
             critic_step(k)
         gen = timed(lambda: generator_step(0), args.iters)
         critic = timed(lambda: critic_step(0), args.iters)
-        gen_mean = sum(timed(lambda: generator_step(k), 1) for k in range(4)) / 4     # exit index ~ U{0..3}
-        critic_mean = sum(timed(lambda: critic_step(k), 1) for k in range(4)) / 4
-        row = {"grid": name, "video_tokens": n_v, "batch_per_gpu": batch_size, "teacher": cfg.model.teacher_sharding,
+        if args.no_random_exit:
+            gen_mean = critic_mean = float("nan")
+        else:
+            gen_mean = sum(timed(lambda: generator_step(k), 1) for k in range(4)) / 4     # exit index ~ U{0..3}
+            critic_mean = sum(timed(lambda: critic_step(k), 1) for k in range(4)) / 4
+        row = {"grid": name, "zero3_leaf_modules": cfg.model.zero3_leaf_modules, "video_tokens": n_v, "batch_per_gpu": batch_size, "teacher": cfg.model.teacher_sharding,
                "generator_s": gen, "critic_s": critic,
                "generator_tflops_per_gpu": 7 * forward / gen / 1e12, "critic_tflops_per_gpu": 5 * forward / critic / 1e12,
                "generator_s_random_exit": gen_mean, "critic_s_random_exit": critic_mean,

@@ -31,6 +31,9 @@ class ModelConfig:
     # GPU (+2 bytes/param/GPU, ~23 GB for Ovi) and no gathers: for GPUs with the memory to spare
     # (H200/B200) or a slow interconnect, where those gathers cost more than the teacher's compute.
     teacher_sharding: str = "zero3"
+    # ZeRO-3 fetch units: attention modules and block MLPs gathered whole (distill/engines.py) instead
+    # of per Linear; false: DeepSpeed's default per-module fetches.
+    zero3_leaf_modules: bool = True
 
 
 @dataclass

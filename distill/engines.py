@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import deepspeed
 import torch
 import torch.distributed as dist
-from deepspeed.utils import safe_get_local_fp32_param, set_z3_leaf_modules
+from deepspeed.utils import safe_get_local_fp32_param, set_z3_leaf_module, set_z3_leaf_modules
 
 from .config import OptimConfig, TrainConfig
 from .models import OviFusion, init_weights, variant_config
@@ -58,18 +58,32 @@ def param_groups(model: torch.nn.Module, optim: OptimConfig) -> list[dict]:
     return [{"params": ps, "lr": optim.lr * scale[part], "name": part} for part, ps in groups.items() if ps]
 
 
-# ZeRO-3 fetch units for the frozen teacher: each attention module and each MLP is gathered in
-# one piece instead of per Linear/norm (Ovi has ~35 parameter tensors per block). Only for the
-# forward-only engine: with activation checkpointing + backward, leaf modules left released
-# parameters in the recomputation (DeepSpeed 0.19.8, seen on CPU).
-ZERO3_LEAF_MODULES = [SelfAttention, FusedCrossAttention, torch.nn.Sequential]
+# ZeRO-3 fetch units: each attention module and each block's MLP is gathered in one piece instead
+# of per Linear/norm (Ovi has ~35 parameter tensors per block; per-Linear fetches of ~32 MB run at
+# a third of NVLink's bandwidth and leave the GPU idle between them: bench/RESULTS.md). The frozen
+# teacher also fetches its embedding MLPs whole. Not for the trained engines' embeddings: DeepSpeed
+# 0.19.8 releases a leaf module's parameters before the backward of an output used by several
+# consumers (the time embedding feeds every block), seen on CPU. Blocks under activation
+# checkpointing are fine: gradients are bit-identical with and without leaf modules
+# (tests/distributed/trainer_checks.py).
+TEACHER_LEAF_CLASSES = [SelfAttention, FusedCrossAttention, torch.nn.Sequential]
 
 
-def _build_model(cfg: TrainConfig, ds_cfg: dict, leaf_modules: bool = False) -> OviFusion:
+def set_fetch_units(model: OviFusion, trained: bool) -> None:
+    if not trained:
+        set_z3_leaf_modules(model, TEACHER_LEAF_CLASSES)
+        return
+    set_z3_leaf_modules(model, [SelfAttention, FusedCrossAttention])
+    for tower in (model.video_model, model.audio_model):
+        for block in tower.blocks:
+            set_z3_leaf_module(block.ffn, True)
+
+
+def _build_model(cfg: TrainConfig, ds_cfg: dict, trained: bool) -> OviFusion:
     with deepspeed.zero.Init(config_dict_or_path=ds_cfg):
         model = OviFusion(variant_config(cfg.model.variant, cfg.model.num_layers))
-    if leaf_modules:
-        set_z3_leaf_modules(model, ZERO3_LEAF_MODULES)
+    if cfg.model.zero3_leaf_modules:
+        set_fetch_units(model, trained)
     if cfg.model.random_init:
         return model
     if cfg.model.checkpoint:
@@ -144,6 +158,15 @@ class Engines:
     ema: FP32ShardEMA | None
 
 
+def build_trained_engine(cfg: TrainConfig, ds_cfg: dict, optim: OptimConfig):
+    """One trained engine (generator or fake score): ZeRO-3, AdamW on the param groups, checkpointing."""
+    model = _build_model(cfg, ds_cfg, trained=True)
+    model.gradient_checkpointing = cfg.model.gradient_checkpointing
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, optim), config=ds_cfg)
+    engine.train()
+    return engine
+
+
 def build_engines(cfg: TrainConfig, ds_config: dict) -> Engines:
     """Teacher first (frozen), then the trained engines. For `objective: flow` only one trained
     engine (in the generator slot) is built."""
@@ -153,17 +176,13 @@ def build_engines(cfg: TrainConfig, ds_config: dict) -> Engines:
     configs = engine_configs(ds_config, cfg)
 
     def trained(name: str, optim: OptimConfig):
-        model = _build_model(cfg, configs[name])
-        model.gradient_checkpointing = cfg.model.gradient_checkpointing
-        engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, optim), config=configs[name])
-        engine.train()
-        return engine
+        return build_trained_engine(cfg, configs[name], optim)
 
     teacher = None
     if cfg.objective == "dmd" and cfg.model.teacher_sharding == "replicated":
         teacher = replicated_teacher(cfg, configs["teacher"])
     elif cfg.objective == "dmd":
-        model = _build_model(cfg, configs["teacher"], leaf_modules=True).requires_grad_(False)
+        model = _build_model(cfg, configs["teacher"], trained=False).requires_grad_(False)
         teacher, *_ = deepspeed.initialize(model=model, config=configs["teacher"])
         teacher.eval()
     generator = trained("generator", cfg.generator_optim)

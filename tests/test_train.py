@@ -55,6 +55,7 @@ def test_engines_gradients_counts_ema_teacher_export_flow(dataset, tmp_path):
             assert c["fake_grad"] > 0 and c["generator_grad"] == 0
         assert r["teacher_max_change"] == 0.0, "the frozen teacher changed"
         assert r["replicated_teacher_max_diff"] < 1e-5, r["replicated_teacher_max_diff"]
+        assert r["leaf_modules_grad_max_diff"] == 0.0, r["leaf_modules_grad_max_diff"]
         assert r["generator_changed"] > 0
         assert r["ema_moved"] > 0, "the EMA did not move"
         assert r["ema_vs_reference"] == 0.0

@@ -12,7 +12,7 @@ from pathlib import Path
 import deepspeed
 import torch
 import torch.distributed as dist
-from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_grad
+from deepspeed.utils import safe_get_full_grad, safe_get_local_fp32_param, safe_get_local_grad
 
 from distill import checkpoint, dmd, export
 from distill.config import load_config
@@ -137,6 +137,22 @@ teacher_after = gathered(engines.teacher.module)
 result["teacher_max_change"] = max((teacher_after[k] - teacher_before[k]).abs().max().item() for k in teacher_before)
 result["generator_changed"] = max((generator_now[k] - teacher_before[k]).abs().max().item() for k in teacher_before)
 del engines
+
+# -- ZeRO-3 leaf modules (whole attention / MLP fetches) give the per-Linear engine's gradients ------
+from distill.engines import build_trained_engine
+
+leaf_grads = []
+for leaf in ("true", "false"):
+    leaf_cfg = load_config("distill/configs/tiny.yaml", [f"model.zero3_leaf_modules={leaf}"])
+    engine = build_trained_engine(leaf_cfg, engine_configs(ds_config, leaf_cfg)["generator"], leaf_cfg.generator_optim)
+    for _ in range(2):  # the second pass runs with DeepSpeed's recorded trace (prefetching)
+        loss, _ = dmd.flow_loss(engine, probe, leaf_cfg.dmd, torch.Generator().manual_seed(3))
+        engine.backward(loss)
+        grads = {n: safe_get_full_grad(p).clone() for n, p in engine.module.named_parameters()}
+        engine.optimizer.zero_grad()
+    leaf_grads.append(grads)
+    del engine
+result["leaf_modules_grad_max_diff"] = max((leaf_grads[0][k] - leaf_grads[1][k]).abs().max().item() for k in leaf_grads[0])
 
 # -- objective: flow ----------------------------------------------------------------------------
 flow_cfg = load_config("distill/configs/tiny.yaml", ["objective=flow", "generator_optim.lr=1e-3", "ema.enabled=false"])
