@@ -1,24 +1,71 @@
 """An audio-video world with a known distribution, and the whole distillation pipeline against it:
 
-    python bench/toyworld.py --size ci  --out /tmp/toyworld     # CPU: ~9 min on 2 busy cores
-    python bench/toyworld.py --size gpu --out /tmp/toyworld     # 1 GPU; not yet run on one
+    python bench/toyworld.py --size ci  --out /tmp/toyworld     # CPU: 6.5 min on 2 shared cores (9 min when busy)
+    python bench/toyworld.py --size gpu --out /tmp/toyworld     # 1 GPU (bf16, ds_configs/zero3.json); see "Open" below
 
 shards (precompute/shards.py) -> tiny OviFusion teacher (`objective: flow`, distill/train.py)
 -> DMD to 4 steps (distill/train.py, model.checkpoint = the exported teacher) -> teacher@50 (CFG),
-teacher@4 (same solver and CFG) and student@4, sampled in-process with distill/sampling.py ->
-per-class Fréchet distance, mode coverage, audio-visual onset agreement and diversity against
-fresh draws from the world itself. Prints one markdown table; writes OUT/results.json.
+teacher@4 (same UniPC solver, shift and CFG), undistilled@4 (the student's 4-step sampler with the
+teacher's weights: where DMD starts) and student@4, sampled in-process with distill/sampling.py -> per-class Fréchet distance, mode coverage, audio-visual onset agreement and
+diversity against fresh draws from the world itself. Prints one markdown table; writes
+OUT/results.json. tests/test_toyworld.py runs --size ci end to end and asserts the student beats
+teacher@4.
 
 The world (tiny variant shapes: video latents [48, 5, 4, 4], audio latents [22, 20]):
-  - K scene classes, each named by a fixed random text embedding [4, 32]; the null prompt (all
-    zeros, also the CFG negative) names the mixture of all classes.
-  - video: a Gaussian blob in channels 0..3 at the class's position (on a circle around the
-    centre) plus jitter, absent in latent frame 0 and present from the event frame
+  - K scene classes, each named by a fixed random text token repeated over the whole text
+    context [32, 32]; the null prompt (all zeros, also the CFG negative) names the mixture of
+    all classes.
+  - video: a Gaussian blob, the same in every channel, at the class's position (on a circle
+    around the centre) plus jitter, absent in latent frame 0 and present from the event frame
     e ~ U{1..F-1} on, with a random amplitude;
   - audio: a sustained tone in the class's own 4 channels starting at audio frame
     floor(e * L / F) (the event's place on the shared timeline), with a random amplitude;
   - N(0, noise_std²) everywhere else. Everything is drawn from seeded generators, so the truth
     can be re-sampled at will for evaluation.
+
+Why the object is in every video channel: a video token of the tiny DiT is a 2x2 patch of 48
+channels (192 numbers) read and written through width 64, so the model can only ever denoise a
+64-dimensional subspace of each token and its samples keep unit-variance noise in the rest.
+With the object in 4 of 48 channels (the first design) that noise sat on top of the object and
+the features read mostly noise (teacher@50 FD 10.6, blob centroids all at the grid centre, event
+frame ~0.9 instead of 2.5); with the object in all 48 channels the features (channel means) see
+the object through 1/sqrt(48) of that noise (measured: the ci teacher@50 samples keep a
+per-channel deviation of std 0.87 around their channel mean). Two more changes, made together
+and not measured apart, took the ci teacher@50 from mode coverage 0.33 to 1.00 and FD 6.9 to 6.1:
+the class token repeated over the text context (instead of 4 random tokens and 28 zero rows),
+and the flow teacher's σ sampler shifted towards high noise (flow_shift 3, where the prompt
+matters). The student uses the unwarped σ list (1, .75, .5, .25), see UNIFORM_SIGMAS.
+
+Last measured (--size ci, CPU, 2 shared cores: 6 min 26 s end to end, of which teacher
+2 min 50 s, DMD ~2.5 min, sampling + metrics ~45 s; the same run took 9 min 03 s on a busier box):
+
+| sampler | FD class 0 | FD class 1 | FD class 2 | FD mean | mode coverage | mode hits | A/V onset agreement | diversity / truth |
+|---|---|---|---|---|---|---|---|---|
+| truth (fresh draw) | 0.144 | 0.140 | 0.207 | 0.163 | 1.00 | 1.00 | 1.00 | 0.99 |
+| teacher@50 | 7.433 | 5.152 | 5.610 | 6.065 | 1.00 | 0.79 | 0.19 | 0.98 |
+| teacher@4 | 10.640 | 5.343 | 8.346 | 8.109 | 0.67 | 0.71 | 0.18 | 0.98 |
+| undistilled@4 | 14.460 | 7.267 | 11.284 | 11.003 | 0.67 | 0.71 | 0.17 | 0.82 |
+| student@4 | 6.625 | 4.423 | 4.479 | 5.176 | 0.67 | 0.77 | 0.20 | 0.88 |
+
+The ci teacher is still far from the world (a fresh truth draw scores FD ~0.16): in 400 steps it
+learns the tones per class and roughly when things happen, but not yet where the blob sits nor
+that the blob persists from its event on (position and per-sample A/V onset agreement are near
+chance). The ci gate is therefore relative: the 4-step DMD student beats the teacher's own
+solver at 4 steps. The gpu size trains the same world and model 7.5x (teacher) and 10x (DMD)
+longer at twice the batch.
+
+GPU (2026-11-30, one H200 of an nvidia-h200-x2 machine): `--size gpu` did not finish within
+470 s (killed by the device budget before the student run had logged a step), so the teacher's
+3000 flow steps alone take minutes there: a run that fits 10 minutes needs the per-step time
+measured first (distill/train.py logs it in OUT/teacher_run/metrics.jsonl) and the step counts
+set from it. The gpu size now also evaluates the students saved every 250 DMD steps (rows
+"student@4, DMD step N"), so one run shows whether DMD improves or diverges with length.
+
+Open (measured on CPU at 2x the ci steps: teacher 800, DMD 160): the better teacher makes
+teacher@50 FD 6.82 at CFG 2 (4.70 at CFG 1.5; undistilled@4, no CFG, 3.54), but DMD with the ci
+settings then makes the student WORSE than teacher@4 (FD 17.3 at CFG 2, 12.0 at CFG 1.5; raw
+weights 20.6), with louder and earlier tones than the teacher. So the ci gate passes at 100 DMD
+steps but longer DMD at these settings diverges; the gpu settings are a guess until measured.
 """
 from __future__ import annotations
 
@@ -59,7 +106,7 @@ VARIANT = get_variant("tiny")
 FRAMES, LATENT_H, LATENT_W = VARIANT.latent_frames, 4, 4
 AUDIO_LEN, AUDIO_CHANNELS = VARIANT.audio_latents, 20
 TEXT_DIM = 32
-OBJECT_CHANNELS = 4       # video channels 0..3 carry the object
+OBJECT_CHANNELS = VIDEO_LATENT_CHANNELS  # the object is drawn in every video channel (see the module docstring)
 TONE_CHANNELS = 4         # audio channels 4k..4k+3 carry class k's tone
 NULL_CLASS = -1           # the null prompt: a sample of the class mixture
 
@@ -71,7 +118,7 @@ NULL_CLASS = -1           # the null prompt: a sample of the class mixture
 @dataclass(frozen=True)
 class WorldConfig:
     num_classes: int = 3
-    prompt_tokens: int = 4
+    prompt_tokens: int = VARIANT.text_len   # the class name fills the whole text context (no padding)
     position_radius: float = 1.0    # latent pixels from the centre (1.5, 1.5)
     position_jitter: float = 0.3    # std of the blob centre around its class position
     blob_sigma: float = 0.7         # latent pixels
@@ -98,9 +145,11 @@ def class_positions(world: WorldConfig) -> np.ndarray:
 
 
 def class_prompts(world: WorldConfig) -> torch.Tensor:
-    """[K, prompt_tokens, 32] fixed random embeddings: the names of the classes."""
+    """[K, prompt_tokens, 32]: the names of the classes, one fixed random token per class repeated
+    over the whole prompt (so the cross-attention sees the class whatever it attends to)."""
     g = torch.Generator().manual_seed(10_000 + world.seed)
-    return torch.randn(world.num_classes, world.prompt_tokens, TEXT_DIM, generator=g)
+    names = torch.randn(world.num_classes, 1, TEXT_DIM, generator=g)
+    return names.expand(-1, world.prompt_tokens, -1).clone()
 
 
 def null_prompt() -> torch.Tensor:
@@ -200,20 +249,36 @@ class SizeConfig:
     cfg: float                      # teacher CFG (both modalities), in sampling and in DMD
     ranks: int
     num_layers: int = 3
+    flow_shift: float = 3.0         # σ sampler of the teacher's flow training (1.0 uniform; 3.0 puts ~56% at σ > 0.7)
     ds_config: str = "ds_configs/zero3_cpu.json"
     fp32: bool = False              # train with bf16 off (CPU: bf16 matmuls made a step 7x slower)
     student_weights: str = "ema"    # ema | raw
+    student_sigmas: tuple[float, ...] | None = None  # DMD and student sampling; None: distill/flow.py's STUDENT_SIGMAS
     extra_flow: tuple[str, ...] = ()
     extra_dmd: tuple[str, ...] = ()
+    dmd_snapshots: int = 1          # students evaluated along the DMD run (every dmd_steps / n steps); the last is "student@4"
 
+
+# The student's σ list: unwarped (1000, 750, 500, 250)/1000. On this world it beat the shift-5 warped
+# default (1, .9375, .8333, .625) with the same ci teacher: student FD 5.18 vs 6.31, diversity 0.88
+# vs 0.78 (teacher@50 6.07 / 0.98). The teachers keep Ovi's UniPC at shift 5 at 50 and at 4 steps.
+UNIFORM_SIGMAS = (1.0, 0.75, 0.5, 0.25)
 
 SIZES = {
     "ci": SizeConfig(world=WorldConfig(num_classes=3), train_per_class=512, eval_per_class=64, truth_per_class=1000,
                      flow_steps=400, dmd_steps=100, batch_size=64, flow_lr=2e-3, generator_lr=2e-4, critic_lr=4e-4,
-                     critic_ratio=2, cfg=2.0, ranks=1, fp32=True),
-    "gpu": SizeConfig(world=WorldConfig(num_classes=4), train_per_class=2048, eval_per_class=256, truth_per_class=4000,
-                      flow_steps=3000, dmd_steps=1500, batch_size=64, flow_lr=5e-4, generator_lr=1e-4, critic_lr=2e-4,
-                      critic_ratio=3, cfg=2.0, ranks=1, num_layers=6, ds_config="ds_configs/zero3.json"),
+                     critic_ratio=2, cfg=2.0, ranks=1, fp32=True, student_sigmas=UNIFORM_SIGMAS),
+    # 1 H200: the same world and model as ci, 2x the batch, 7.5x the flow steps, 10x the DMD steps.
+    # bf16 (ds_configs/zero3.json); element-wise torch.compile off: start-up time matters more
+    # than kernel fusion for a 3-layer width-64 model. CFG 1.5, not 2: with a teacher trained 2x
+    # longer than ci, CFG 2 over-amplified the tones (teacher@50 FD 6.82 vs 4.70 at 1.5). DMD
+    # critic_ratio 5 and generator lr 1e-4 (DMD2's two-time-scale rule) are NOT verified: the
+    # ci settings (ratio 2, lr 2e-4) diverged at 160 DMD steps on that teacher (see the docstring).
+    "gpu": SizeConfig(world=WorldConfig(num_classes=3), train_per_class=2048, eval_per_class=256, truth_per_class=4000,
+                      flow_steps=3000, dmd_steps=1000, batch_size=128, flow_lr=1e-3, generator_lr=1e-4, critic_lr=4e-4,
+                      critic_ratio=5, cfg=1.5, ranks=1, ds_config="ds_configs/zero3.json", student_sigmas=UNIFORM_SIGMAS,
+                      dmd_snapshots=4,
+                      extra_flow=("model.compile_elementwise=false",), extra_dmd=("model.compile_elementwise=false",)),
 }
 
 
@@ -267,14 +332,15 @@ def ds_config_path(size: SizeConfig, out: Path) -> str:
     return str(path)
 
 
-def train(data: Path, out: Path, size: SizeConfig, steps: int, overrides: list[str], log: Path) -> None:
+def train(data: Path, out: Path, size: SizeConfig, steps: int, overrides: list[str], log: Path,
+          save_every: int | None = None) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     if not torch.cuda.is_available():
         env["DS_ACCELERATOR"] = "cpu"
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(size.ranks),
            "--master_port", str(_free_port()), "distill/train.py", "--deepspeed", ds_config_path(size, out.parent),
            "--config", "distill/configs/tiny.yaml", "--data", str(data), "--out", str(out),
-           "--max-steps", str(steps), "--save-every", str(steps),
+           "--max-steps", str(steps), "--save-every", str(save_every or steps),
            f"model.num_layers={size.num_layers}", f"data.batch_size={size.batch_size}", "data.i2v_ratio=0",
            "model.gradient_checkpointing=false", "log.wandb_mode=disabled", "log.every=25", *overrides]
     with open(log, "w") as f:
@@ -283,23 +349,30 @@ def train(data: Path, out: Path, size: SizeConfig, steps: int, overrides: list[s
         raise RuntimeError(f"training failed ({proc.returncode}); see {log}:\n" + log.read_text()[-3000:])
 
 
-def export(run: Path, out: Path, raw: bool) -> Path:
+def export(run: Path, out: Path, raw: bool, step: int | None = None) -> Path:
     from distill.export import export as export_run
-    return export_run(run, out, raw=raw)
+    return export_run(run, out, raw=raw, step=step)
 
 
-def train_teacher_and_student(data: Path, out: Path, size: SizeConfig) -> tuple[Path, Path]:
-    flow = ["objective=flow", f"generator_optim.lr={size.flow_lr}", "generator_optim.betas=[0.9,0.999]", "dmd.flow_shift=1.0",
+def train_teacher_and_student(data: Path, out: Path, size: SizeConfig) -> tuple[Path, dict[int, Path]]:
+    """The exported teacher, and the exported students {DMD step: file} (the last one is the result)."""
+    flow = ["objective=flow", f"generator_optim.lr={size.flow_lr}", "generator_optim.betas=[0.9,0.999]",
+            f"dmd.flow_shift={size.flow_shift}",
             "ema.decay=0.99", f"ema.start_step={size.flow_steps // 2}", *size.extra_flow]
     train(data, out / "teacher_run", size, size.flow_steps, flow, out / "teacher_train.log")
     teacher = export(out / "teacher_run", out / "teacher.safetensors", raw=False)
     dmd = ["objective=dmd", f"model.checkpoint={teacher}", f"generator_optim.lr={size.generator_lr}",
            f"critic_optim.lr={size.critic_lr}", f"dmd.critic_ratio={size.critic_ratio}",
            f"dmd.cfg_video={size.cfg}", f"dmd.cfg_audio={size.cfg}", "dmd.slg_block=null",
-           "ema.decay=0.95", f"ema.start_step={size.dmd_steps // 2}", *size.extra_dmd]
-    train(data, out / "student_run", size, size.dmd_steps, dmd, out / "student_train.log")
-    student = export(out / "student_run", out / "student.safetensors", raw=size.student_weights == "raw")
-    return teacher, student
+           "ema.decay=0.95", f"ema.start_step={size.dmd_steps // 2}",
+           *([f"dmd.student_sigmas=[{','.join(map(str, size.student_sigmas))}]"] if size.student_sigmas else []),
+           f"keep_checkpoints={size.dmd_snapshots}", *size.extra_dmd]
+    every = size.dmd_steps // size.dmd_snapshots
+    train(data, out / "student_run", size, size.dmd_steps, dmd, out / "student_train.log", save_every=every)
+    steps = [size.dmd_steps - every * i for i in reversed(range(size.dmd_snapshots))]
+    name = lambda step: "student.safetensors" if step == size.dmd_steps else f"student_step{step}.safetensors"
+    return teacher, {step: export(out / "student_run", out / name(step), raw=size.student_weights == "raw", step=step)
+                     for step in steps}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,13 +392,18 @@ def padded(text: torch.Tensor, batch: int, device) -> torch.Tensor:
     return pad_text(text, VARIANT.text_len, "toyworld prompt").float().to(device).expand(batch, -1, -1)
 
 
-def sample_all(teacher, student, size: SizeConfig, device, seed: int = 7) -> dict[str, dict[int, dict]]:
-    """{sampler: {class: {"video", "audio"}}} with the same starting noise for every sampler."""
+def sample_all(teacher, students: dict, size: SizeConfig, device, seed: int = 7) -> dict[str, dict[int, dict]]:
+    """{sampler: {class: {"video", "audio"}}} with the same starting noise for every sampler.
+
+    "undistilled@4" is the student's own 4-step sampler run with the teacher's weights (where DMD
+    starts from): the control that shows what distillation itself adds."""
+    from distill.flow import STUDENT_SIGMAS
     from distill.sampling import TeacherSamplerConfig, sample_student, sample_teacher
     world, n = size.world, size.eval_per_class
     prompts = class_prompts(world)
     neg = padded(null_prompt(), n, device)
-    out: dict[str, dict[int, dict]] = {"teacher@50": {}, "teacher@4": {}, "student@4": {}}
+    out: dict[str, dict[int, dict]] = {"teacher@50": {}, "teacher@4": {}, "undistilled@4": {}, **{n: {} for n in students}}
+    sigmas = size.student_sigmas or STUDENT_SIGMAS
     for k in range(world.num_classes):
         g = torch.Generator().manual_seed(seed * 1000 + k)
         noise_v = torch.randn(n, VIDEO_LATENT_CHANNELS, FRAMES, LATENT_H, LATENT_W, generator=g).to(device)
@@ -335,9 +413,10 @@ def sample_all(teacher, student, size: SizeConfig, device, seed: int = 7) -> dic
             cfg = TeacherSamplerConfig(steps=steps, cfg_video=size.cfg, cfg_audio=size.cfg, slg_block=None)
             v, a = sample_teacher(teacher, noise_v, noise_a, text, neg, neg, cfg)
             out[name][k] = {"video": v.float().cpu(), "audio": a.float().cpu()}
-        gen = torch.Generator(device=device).manual_seed(seed * 1000 + k)
-        v, a = sample_student(student, noise_v, noise_a, text, generator=gen)
-        out["student@4"][k] = {"video": v.float().cpu(), "audio": a.float().cpu()}
+        for name, model in (("undistilled@4", teacher), *students.items()):
+            gen = torch.Generator(device=device).manual_seed(seed * 1000 + k)
+            v, a = sample_student(model, noise_v, noise_a, text, sigmas=sigmas, generator=gen)
+            out[name][k] = {"video": v.float().cpu(), "audio": a.float().cpu()}
     return out
 
 
@@ -415,12 +494,13 @@ def run(size_name: str, out: Path, size: SizeConfig | None = None) -> dict:
     write_dataset(out / "data", size.world, size.train_per_class)
     timings["dataset_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    teacher_path, student_path = train_teacher_and_student(out / "data", out, size)
+    teacher_path, student_paths = train_teacher_and_student(out / "data", out, size)
     timings["train_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     teacher = load_model(teacher_path, size.num_layers, device)
-    student = load_model(student_path, size.num_layers, device)
-    samples = sample_all(teacher, student, size, device)
+    students = {"student@4" if step == size.dmd_steps else f"student@4, DMD step {step}": load_model(path, size.num_layers, device)
+                for step, path in student_paths.items()}
+    samples = sample_all(teacher, students, size, device)
     timings["sample_s"] = time.perf_counter() - t0
     results = evaluate(samples, size.world, size.truth_per_class)
     table = markdown_table(results)
