@@ -1,10 +1,14 @@
 """DMD step speed and memory with the real trainer pieces: three DeepSpeed ZeRO-3 engines built
 by distill/engines.py (full Ovi width, `--layers` fused blocks per tower, random weights, bf16),
 generator and critic steps from distill/dmd.py on synthetic latents at 720² (15,004 video tokens)
-and 704×1280 (27,280) + 157 audio tokens, batch 1 per GPU.
+and 704×1280 (27,280) + 157 audio tokens, `--batches` samples per GPU.
 
-    torchrun --nproc_per_node 2 bench/dmd_step.py --layers 6 --out dmd_step.json
+    torchrun --nproc_per_node 2 bench/dmd_step.py --layers 8 --batches 1 2 --teacher both --out dmd_step.json
     torchrun --nproc_per_node 2 bench/dmd_step.py --smoke      # CPU, tiny width: checks the script
+
+Diagnostics: --comm-test (NCCL bandwidth), --reference (the same blocks without DeepSpeed),
+--breakdown (per-phase seconds, synced), --profile DIR (torch.profiler + cProfile tables),
+--per-linear-fetch (DeepSpeed's default fetch units instead of whole attention/MLP modules).
 
 Exit index 0 makes the step's passes match the three-engine probe's (generator: 3 no-grad
 forwards + one checkpointed fwd+bwd = 7 forward-equivalents; critic: 1 + 4 = 5), so achieved
