@@ -1,7 +1,8 @@
 """An audio-video world with a known distribution, and the whole distillation pipeline against it:
 
     python bench/toyworld.py --size ci  --out /tmp/toyworld     # CPU: 6.5 min on 2 shared cores (9 min when busy)
-    python bench/toyworld.py --size gpu --out /tmp/toyworld     # 1 GPU (bf16, ds_configs/zero3.json); see "Open" below
+    python bench/toyworld.py --size gpu --out /tmp/toyworld     # 1 GPU, 7 min (bf16, ds_configs/zero3.json)
+    python bench/toyworld.py --size gpu --out /tmp/tw15 --set cfg=1.5   # any field of the size
 
 shards (precompute/shards.py) -> tiny OviFusion teacher (`objective: flow`, distill/train.py)
 -> DMD to 4 steps (distill/train.py, model.checkpoint = the exported teacher) -> teacher@50 (CFG),
@@ -51,25 +52,47 @@ The ci teacher is still far from the world (a fresh truth draw scores FD ~0.16):
 learns the tones per class and roughly when things happen, but not yet where the blob sits nor
 that the blob persists from its event on (position and per-sample A/V onset agreement are near
 chance). The ci gate is therefore relative: the 4-step DMD student beats the teacher's own
-solver at 4 steps. The gpu size trains the same world and model 7.5x (teacher) and 10x (DMD)
-longer at twice the batch.
+solver at 4 steps. The gpu size trains the same world and model for 2x (teacher) and 2.4x (DMD)
+the steps at twice the batch, with the DMD settings measured below.
 
-GPU (2026-11-30, one H200 of an nvidia-h200-x2 machine): `--size gpu` did not finish within
-470 s (killed by the device budget before the student run had logged a step), so the teacher's
-3000 flow steps alone take minutes there: a run that fits 10 minutes needs the per-step time
-measured first (distill/train.py logs it in OUT/teacher_run/metrics.jsonl) and the step counts
-set from it. The gpu size now also evaluates the students saved every 250 DMD steps (rows
-"student@4, DMD step N"), so one run shows whether DMD improves or diverges with length.
+GPU (2026-11-30, `python bench/toyworld.py --size gpu`, one H200; 7 min end to end, of which
+training 393 s; the cfg 1.5 row is `--set cfg=1.5`, run at the same time on the host's second
+H200; bench/results/toyworld_gpu_h200*.json):
 
-Open (measured on CPU at 2x the ci steps: teacher 800, DMD 160): the better teacher makes
-teacher@50 FD 6.82 at CFG 2 (4.70 at CFG 1.5; undistilled@4, no CFG, 3.54), but DMD with the ci
-settings then makes the student WORSE than teacher@4 (FD 17.3 at CFG 2, 12.0 at CFG 1.5; raw
-weights 20.6), with louder and earlier tones than the teacher. So the ci gate passes at 100 DMD
-steps but longer DMD at these settings diverges; the gpu settings are a guess until measured.
+| sampler | FD mean | mode coverage | mode hits | A/V onset | diversity |
+|---|---|---|---|---|---|
+| truth (fresh draw) | 0.016 | 1.00 | 1.00 | 1.00 | 1.00 |
+| teacher@50 (cfg 1) | 4.188 | 1.00 | 0.96 | 0.17 | 1.03 |
+| teacher@4 (cfg 1) | 3.561 | 1.00 | 0.96 | 0.20 | 1.10 |
+| undistilled@4 | 4.037 | 1.00 | 1.00 | 0.14 | 0.71 |
+| student@4 (cfg 1) | 2.347 | 1.00 | 1.00 | 0.15 | 0.70 |
+| teacher@50 (cfg 1.5) | 5.370 | 1.00 | 1.00 | 0.16 | 0.93 |
+| teacher@4 (cfg 1.5) | 5.222 | 1.00 | 1.00 | 0.20 | 1.02 |
+| student@4 (cfg 1.5) | 2.528 | 1.00 | 1.00 | 0.17 | 0.69 |
+
+The student is closer to the world than the teacher at 50 steps (FD 0.56x at cfg 1, 0.47x at
+cfg 1.5) and covers every mode. Against the bar the command prints (`criteria`): at cfg 1.5 every
+check passes except diversity; at cfg 1 the FD is 0.66x teacher@4's, not 0.5x, because
+without guidance UniPC at 4 steps is as good as at 50 on this world. Diversity fails at both: 0.70
+vs teacher@50's 1.03. Read per feature (CPU, same kind of teacher), the teacher's 1.03 is not
+better spread but two errors that cancel: the spread of the event and onset frames is 0.6x the
+truth's while the tone levels vary 8-13x more than the truth's; the student (and undistilled@4,
+the same sampler before DMD: 0.71) has the same event spread and less spurious tone noise. The
+reduced spread comes from the 4-step sampler and is not recovered by DMD here (0.69 at DMD step
+120, 0.70 at 240).
+
+DMD settings, measured on CPU against one 800-step ci-shaped teacher (teacher@50 FD 3.96 at cfg 1,
+4.70 at cfg 1.5), student FD halfway / at the end of the DMD run, critic lr 4e-4, cfg 1 unless said:
+ratio 2, generator lr 2e-4 (the ci setting), 160 steps: 5.6 / 9.5, drifting to louder, earlier
+tones (the same at cfg 1.5: 12.0 at 160); 400 steps each from here: ratio 5, lr 1e-4: 4.10 / 4.78;
+ratio 5, lr 3e-5: 2.67 / 2.67 (kept); ratio 5, lr 1e-5: 3.11 / 2.91; ratio 5, lr 3e-5, cfg 1.5:
+2.78 / 3.03. The ci size keeps its own settings (CFG 2, ratio 2, lr 2e-4): its gate passes at
+100 DMD steps, before that drift.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import socket
@@ -268,16 +291,19 @@ SIZES = {
     "ci": SizeConfig(world=WorldConfig(num_classes=3), train_per_class=512, eval_per_class=64, truth_per_class=1000,
                      flow_steps=400, dmd_steps=100, batch_size=64, flow_lr=2e-3, generator_lr=2e-4, critic_lr=4e-4,
                      critic_ratio=2, cfg=2.0, ranks=1, fp32=True, student_sigmas=UNIFORM_SIGMAS),
-    # 1 H200: the same world and model as ci, 2x the batch, 7.5x the flow steps, 10x the DMD steps.
-    # bf16 (ds_configs/zero3.json); element-wise torch.compile off: start-up time matters more
-    # than kernel fusion for a 3-layer width-64 model. CFG 1.5, not 2: with a teacher trained 2x
-    # longer than ci, CFG 2 over-amplified the tones (teacher@50 FD 6.82 vs 4.70 at 1.5). DMD
-    # critic_ratio 5 and generator lr 1e-4 (DMD2's two-time-scale rule) are NOT verified: the
-    # ci settings (ratio 2, lr 2e-4) diverged at 160 DMD steps on that teacher (see the docstring).
+    # 1 H200, one run of ~8 minutes. The tiny DiT is overhead-bound on a GPU (measured on an H200:
+    # ~0.1 s per forward pass through a ZeRO-3 engine, i.e. DeepSpeed's per-module hooks, so a flow
+    # step at batch 128 takes 0.25 s and a DMD step 0.8 s: no faster than the CPU), so this size
+    # buys batch, not steps: twice the ci teacher's steps at twice its batch. DMD settings measured
+    # on CPU against a teacher of this strength (800 flow steps; bench/RESULTS.md, "Toy world"):
+    # no guidance (cfg 1: with CFG 1.5 or 2 the teacher@50 samples are further from the world, 4.70
+    # and 6.82 vs 3.96, and DMD drifts to louder, earlier tones), two time scales (critic ratio 5,
+    # generator lr 3e-5 against critic lr 4e-4): student FD 2.67 at both 200 and 400 DMD steps, where
+    # lr 1e-4 drifted from 4.10 to 4.78 and ratio 2 / lr 2e-4 from 5.6 to 9.5.
     "gpu": SizeConfig(world=WorldConfig(num_classes=3), train_per_class=2048, eval_per_class=256, truth_per_class=4000,
-                      flow_steps=3000, dmd_steps=1000, batch_size=128, flow_lr=1e-3, generator_lr=1e-4, critic_lr=4e-4,
-                      critic_ratio=5, cfg=1.5, ranks=1, ds_config="ds_configs/zero3.json", student_sigmas=UNIFORM_SIGMAS,
-                      dmd_snapshots=4,
+                      flow_steps=800, dmd_steps=240, batch_size=128, flow_lr=2e-3, generator_lr=3e-5, critic_lr=4e-4,
+                      critic_ratio=5, cfg=1.0, ranks=1, ds_config="ds_configs/zero3.json", student_sigmas=UNIFORM_SIGMAS,
+                      dmd_snapshots=2,
                       extra_flow=("model.compile_elementwise=false",), extra_dmd=("model.compile_elementwise=false",)),
 }
 
@@ -332,19 +358,35 @@ def ds_config_path(size: SizeConfig, out: Path) -> str:
     return str(path)
 
 
+def launcher_devices(ranks: int, env: dict[str, str]) -> list[str]:
+    """The runner's device arguments. A CUDA_VISIBLE_DEVICES list (e.g. one run per GPU of a host)
+    is kept only if no --num_gpus is given (the runner would then ignore it and use GPU 0), so it is
+    cut to `ranks` devices and passed on alone."""
+    visible = env.get("CUDA_VISIBLE_DEVICES", "")
+    if torch.cuda.is_available() and visible:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(visible.split(",")[:ranks])
+        return []
+    return ["--num_gpus", str(ranks)]
+
+
 def train(data: Path, out: Path, size: SizeConfig, steps: int, overrides: list[str], log: Path,
           save_every: int | None = None) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     if not torch.cuda.is_available():
         env["DS_ACCELERATOR"] = "cpu"
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(size.ranks),
-           "--master_port", str(_free_port()), "distill/train.py", "--deepspeed", ds_config_path(size, out.parent),
+    port = _free_port()
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", *launcher_devices(size.ranks, env),
+           "--master_port", str(port), "distill/train.py", "--deepspeed", ds_config_path(size, out.parent),
            "--config", "distill/configs/tiny.yaml", "--data", str(data), "--out", str(out),
            "--max-steps", str(steps), "--save-every", str(save_every or steps),
            f"model.num_layers={size.num_layers}", f"data.batch_size={size.batch_size}", "data.i2v_ratio=0",
            "model.gradient_checkpointing=false", "log.wandb_mode=disabled", "log.every=25", *overrides]
-    with open(log, "w") as f:
-        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+    try:
+        with open(log, "w") as f:
+            proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+    finally:  # DeepSpeed's CPU all-reduce leaves 2 x 66 MB per launch in /dev/shm
+        for leftover in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+            leftover.unlink(missing_ok=True)
     if proc.returncode != 0:
         raise RuntimeError(f"training failed ({proc.returncode}); see {log}:\n" + log.read_text()[-3000:])
 
@@ -481,6 +523,28 @@ def markdown_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+HIGHER_IS_BETTER = ("mode_coverage", "mode_hits_mean", "onset_agreement", "diversity_ratio")
+
+
+def criteria(results: dict[str, dict], within: float = 1.2, fd_vs_teacher4: float = 0.5) -> dict[str, dict]:
+    """The issue's bar for the final student: within `within`x of teacher@50 on every metric (FD
+    at most `within` times, the others at least 1/`within` times teacher@50's), and a Fréchet
+    distance at most `fd_vs_teacher4` times teacher@4's. {check: {student, bound, ok}}."""
+    student, t50, t4 = results["student@4"], results["teacher@50"], results["teacher@4"]
+    value = lambda r, key: float(np.mean(r["mode_hits"])) if key == "mode_hits_mean" else float(r[key])
+    checks = {"fd_mean vs teacher@50": (value(student, "fd_mean"), within * value(t50, "fd_mean"), "<="),
+              "fd_mean vs teacher@4": (value(student, "fd_mean"), fd_vs_teacher4 * value(t4, "fd_mean"), "<=")}
+    for key in HIGHER_IS_BETTER:
+        checks[f"{key} vs teacher@50"] = (value(student, key), value(t50, key) / within, ">=")
+    return {name: {"student": s, "bound": b, "ok": bool(s <= b if op == "<=" else s >= b), "op": op}
+            for name, (s, b, op) in checks.items()}
+
+
+def criteria_lines(checks: dict[str, dict]) -> str:
+    return "\n".join(f"{'PASS' if c['ok'] else 'FAIL'}  {name}: {c['student']:.3f} {c['op']} {c['bound']:.3f}"
+                     for name, c in checks.items())
+
+
 # ---------------------------------------------------------------------------------------------
 # The command
 
@@ -506,20 +570,40 @@ def run(size_name: str, out: Path, size: SizeConfig | None = None) -> dict:
     table = markdown_table(results)
     names = [*FEATURE_NAMES, *(f"tone_{k}" for k in range(size.world.num_classes))]
     report = {"size": size_name, "config": asdict(size), "feature_names": names, "results": results, "timings": timings,
-              "device": str(device), "table": table}
+              "device": str(device), "table": table, "criteria": criteria(results)}
     (out / "results.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     return report
+
+
+def with_overrides(size: SizeConfig, assignments: list[str]) -> SizeConfig:
+    """`field=value` pairs over a size (values parsed as Python literals: 1.5, 300, (1.0, 0.5))."""
+    import ast
+    fields = {f.name for f in dataclasses.fields(SizeConfig)} - {"world"}
+    changes = {}
+    for item in assignments:
+        key, sep, raw = item.partition("=")
+        if not sep or key not in fields:
+            raise SystemExit(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {', '.join(sorted(fields))}")
+        try:
+            changes[key] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            changes[key] = raw
+    return dataclasses.replace(size, **changes)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=sorted(SIZES), default="ci")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
+                        help="override fields of the size, e.g. --set cfg=1.5 dmd_steps=600")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         torch.set_num_threads(1)  # tiny matmuls: 1 thread beats 2 on a shared box (tests/conftest.py)
-    report = run(args.size, args.out)
+    size = with_overrides(SIZES[args.size], args.set)
+    report = run(args.size, args.out, size)
     print(report["table"])
+    print("\n" + criteria_lines(report["criteria"]))
     print(f"\ntimings: " + ", ".join(f"{k} {v:.0f}" for k, v in report["timings"].items()))
     print(f"wrote {args.out / 'results.json'}")
     return 0

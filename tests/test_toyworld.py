@@ -117,6 +117,33 @@ def test_evaluate_separates_truth_from_blur_and_collapse():
     assert table.count("\n") == 1 + len(rows) and "FD mean" in table
 
 
+def _row(fd, coverage=1.0, hits=(1.0, 1.0), onset=0.5, diversity=1.0):
+    return {"fd_mean": fd, "mode_coverage": coverage, "mode_hits": list(hits), "onset_agreement": onset,
+            "diversity_ratio": diversity}
+
+
+def test_criteria_bound_each_metric_in_its_own_direction():
+    results = {"teacher@50": _row(4.0, diversity=1.0), "teacher@4": _row(6.0), "student@4": _row(2.9, diversity=0.84)}
+    checks = tw.criteria(results)
+    assert checks["fd_mean vs teacher@50"]["bound"] == pytest.approx(4.8)
+    assert checks["fd_mean vs teacher@4"] == {"student": 2.9, "bound": pytest.approx(3.0), "ok": True, "op": "<="}
+    assert checks["diversity_ratio vs teacher@50"]["ok"]            # 0.84 >= 1.0 / 1.2
+    results["student@4"] = _row(3.1, hits=(1.0, 0.5), diversity=0.8)
+    failed = {name for name, c in tw.criteria(results).items() if not c["ok"]}
+    assert failed == {"fd_mean vs teacher@4", "diversity_ratio vs teacher@50", "mode_hits_mean vs teacher@50"}
+    assert tw.criteria_lines(tw.criteria(results)).count("FAIL") == 3
+
+
+def test_size_overrides_parse_literals_and_reject_unknown_fields():
+    size = tw.with_overrides(tw.SIZES["gpu"], ["cfg=1.5", "dmd_steps=10", "student_sigmas=(1.0, 0.5)"])
+    assert (size.cfg, size.dmd_steps, size.student_sigmas) == (1.5, 10, (1.0, 0.5))
+    assert size.flow_steps == tw.SIZES["gpu"].flow_steps
+    with pytest.raises(SystemExit, match="no_such_field"):
+        tw.with_overrides(tw.SIZES["gpu"], ["no_such_field=1"])
+    with pytest.raises(SystemExit, match="FIELD=VALUE"):
+        tw.with_overrides(tw.SIZES["gpu"], ["cfg"])
+
+
 # -- the CI gate: the whole pipeline at --size ci ----------------------------------------------
 
 def test_ci_size_student_beats_the_teacher_at_four_steps(tmp_path):
