@@ -494,10 +494,11 @@ def evaluate(samples: dict[str, dict[int, dict]], world: WorldConfig, truth_per_
 
     results = {"truth (reference)": {"feature_means": [truth_f[k].mean(axis=0).round(3).tolist() for k in k_range]}}
     for name, per_class in {"truth (fresh draw)": floor, **samples}.items():
-        fd, hits, div, agree, means = [], [], [], [], []
+        fd, hits, div, agree, means, spread = [], [], [], [], [], []
         for k in k_range:
             raw = features(per_class[k]["video"], per_class[k]["audio"], world.num_classes)
             means.append(raw.mean(axis=0).round(3).tolist())
+            spread.append(raw.std(axis=0) / (truth_f[k].std(axis=0) + 1e-8))
             z = std(raw)
             fd.append(tm.frechet_distance(z, truth_z[k]))
             hits.append(tm.mode_hits(z, modes, k))
@@ -505,7 +506,10 @@ def evaluate(samples: dict[str, dict[int, dict]], world: WorldConfig, truth_per_
             agree.append(tm.onset_agreement(raw[:, EVENT], raw[:, ONSET], expected_onset, onset_tolerance))
         results[name] = {"fd_per_class": fd, "fd_mean": float(np.mean(fd)), "mode_hits": hits,
                          "mode_coverage": tm.mode_coverage(hits), "onset_agreement": float(np.mean(agree)),
-                         "diversity_ratio": float(np.mean(div)), "feature_means": means}
+                         "diversity_ratio": float(np.mean(div)), "feature_means": means,
+                         # per feature, the spread within a class relative to the truth's (1 = right):
+                         # what the one-number diversity ratio is made of
+                         "spread_per_feature": np.mean(spread, axis=0).round(3).tolist()}
     return results
 
 

@@ -111,6 +111,8 @@ def test_evaluate_separates_truth_from_blur_and_collapse():
     assert r["truth"]["fd_mean"] < 0.5 * r["blur"]["fd_mean"]
     assert r["truth"]["fd_mean"] < 0.5 * r["collapse"]["fd_mean"]
     assert r["collapse"]["diversity_ratio"] == pytest.approx(0.0, abs=1e-6)
+    assert np.allclose(r["collapse"]["spread_per_feature"], 0.0, atol=1e-3)
+    assert all(0.7 < x < 1.4 for x in r["truth"]["spread_per_feature"]), r["truth"]["spread_per_feature"]
     table = tw.markdown_table(r)
     rows = [name for name, v in r.items() if "fd_mean" in v]
     assert rows == ["truth (fresh draw)", "truth", "blur", "collapse"]
