@@ -92,6 +92,7 @@ ratio 5, lr 3e-5: 2.67 / 2.67 (kept); ratio 5, lr 1e-5: 3.11 / 2.91; ratio 5, lr
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import json
 import os
@@ -291,9 +292,9 @@ SIZES = {
     "ci": SizeConfig(world=WorldConfig(num_classes=3), train_per_class=512, eval_per_class=64, truth_per_class=1000,
                      flow_steps=400, dmd_steps=100, batch_size=64, flow_lr=2e-3, generator_lr=2e-4, critic_lr=4e-4,
                      critic_ratio=2, cfg=2.0, ranks=1, fp32=True, student_sigmas=UNIFORM_SIGMAS),
-    # 1 H200, one run of ~8 minutes. The tiny DiT is overhead-bound on a GPU (measured on an H200:
+    # 1 H200, one run of 7 minutes. The tiny DiT is overhead-bound on a GPU (measured on an H200:
     # ~0.1 s per forward pass through a ZeRO-3 engine, i.e. DeepSpeed's per-module hooks, so a flow
-    # step at batch 128 takes 0.25 s and a DMD step 0.8 s: no faster than the CPU), so this size
+    # step at batch 128 takes 0.25 s and a DMD step 0.4-1.4 s: no faster than the CPU), so this size
     # buys batch, not steps: twice the ci teacher's steps at twice its batch. DMD settings measured
     # on CPU against a teacher of this strength (800 flow steps; bench/RESULTS.md, "Toy world"):
     # no guidance (cfg 1: with CFG 1.5 or 2 the teacher@50 samples are further from the world, 4.70
@@ -581,7 +582,6 @@ def run(size_name: str, out: Path, size: SizeConfig | None = None) -> dict:
 
 def with_overrides(size: SizeConfig, assignments: list[str]) -> SizeConfig:
     """`field=value` pairs over a size (values parsed as Python literals: 1.5, 300, (1.0, 0.5))."""
-    import ast
     fields = {f.name for f in dataclasses.fields(SizeConfig)} - {"world"}
     changes = {}
     for item in assignments:
