@@ -86,9 +86,10 @@ DMD settings, measured on CPU against one 800-step ci-shaped teacher (teacher@50
 ratio 2, generator lr 2e-4 (the ci setting), 160 steps: 5.6 / 9.5, drifting to louder, earlier
 tones (the same at cfg 1.5: 12.0 at 160); 400 steps each from here: ratio 5, lr 1e-4: 4.10 / 4.78;
 ratio 5, lr 3e-5: 2.67 / 2.67 (kept); ratio 5, lr 1e-5: 3.11 / 2.91; ratio 5, lr 3e-5, cfg 1.5:
-2.78 / 3.03; ratio 5, lr 3e-5, critic lr 1e-3: 2.72 / 2.65; ratio 5, lr 1e-4, critic lr 1e-3: 3.67 / 4.24
-(diversity 0.93 instead of 0.83: a faster generator trades FD for spread). The ci size keeps its own settings (CFG 2, ratio 2, lr 2e-4): its gate passes at
-100 DMD steps, before that drift.
+2.78 / 3.03; ratio 5, lr 3e-5, critic lr 1e-3: 2.72 / 2.65; ratio 5, lr 1e-4, critic lr 1e-3:
+3.67 / 4.24 (diversity 0.93 instead of 0.83: a faster generator trades FD for spread). The ci
+size keeps its own settings (CFG 2, ratio 2, lr 2e-4): its gate passes at 100 DMD steps, before
+that drift.
 """
 from __future__ import annotations
 
