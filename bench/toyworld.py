@@ -98,7 +98,6 @@ import ast
 import dataclasses
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -112,6 +111,7 @@ import numpy as np
 import torch
 
 from bench import toyworld_metrics as tm
+from bench.launching import free_port, remove_shm_buffers
 from precompute.shards import (
     VIDEO_LATENT_CHANNELS,
     DatasetInfo,
@@ -344,12 +344,6 @@ def write_dataset(root: Path, world: WorldConfig, per_class: int, seed: int = 1)
 # Training: distill/train.py under the real DeepSpeed launcher, then distill/export.py
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def ds_config_path(size: SizeConfig, out: Path) -> str:
     """The size's DeepSpeed JSON, or a copy of it with bf16 off written beside the runs."""
     if not size.fp32:
@@ -377,7 +371,7 @@ def train(data: Path, out: Path, size: SizeConfig, steps: int, overrides: list[s
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     if not torch.cuda.is_available():
         env["DS_ACCELERATOR"] = "cpu"
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", *launcher_devices(size.ranks, env),
            "--master_port", str(port), "distill/train.py", "--deepspeed", ds_config_path(size, out.parent),
            "--config", "distill/configs/tiny.yaml", "--data", str(data), "--out", str(out),
@@ -387,9 +381,8 @@ def train(data: Path, out: Path, size: SizeConfig, steps: int, overrides: list[s
     try:
         with open(log, "w") as f:
             proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
-    finally:  # DeepSpeed's CPU all-reduce leaves 2 x 66 MB per launch in /dev/shm
-        for leftover in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
-            leftover.unlink(missing_ok=True)
+    finally:
+        remove_shm_buffers(port)
     if proc.returncode != 0:
         raise RuntimeError(f"training failed ({proc.returncode}); see {log}:\n" + log.read_text()[-3000:])
 
@@ -447,7 +440,7 @@ def sample_all(teacher, students: dict, size: SizeConfig, device, seed: int = 7)
     world, n = size.world, size.eval_per_class
     prompts = class_prompts(world)
     neg = padded(null_prompt(), n, device)
-    out: dict[str, dict[int, dict]] = {"teacher@50": {}, "teacher@4": {}, "undistilled@4": {}, **{n: {} for n in students}}
+    out: dict[str, dict[int, dict]] = {"teacher@50": {}, "teacher@4": {}, "undistilled@4": {}, **{name: {} for name in students}}
     sigmas = size.student_sigmas or STUDENT_SIGMAS
     for k in range(world.num_classes):
         g = torch.Generator().manual_seed(seed * 1000 + k)

@@ -1,24 +1,12 @@
 """Runs a script on 2 CPU ranks with the real DeepSpeed launcher (gloo), as users launch on GPUs."""
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
+from bench.launching import free_port, remove_shm_buffers
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def remove_shm_buffers(port: int) -> None:
-    """DeepSpeed's CPU all-reduce leaves two 66 MB files per launch in /dev/shm (RAM): a test
-    session of ~50 launches would otherwise hold several GB of the runner's memory."""
-    for leftover in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
-        leftover.unlink(missing_ok=True)
 
 
 def run_deepspeed(script: Path, *args: str, nproc: int = 2, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:

@@ -1,0 +1,17 @@
+"""The DeepSpeed runner as a subprocess: a free rendezvous port, and the /dev/shm files its CPU
+all-reduce leaves behind (used by bench/toyworld.py and tests/launcher.py)."""
+import socket
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def remove_shm_buffers(port: int) -> None:
+    """DeepSpeed's CPU all-reduce leaves two 66 MB files per launch in /dev/shm (RAM): a test
+    session of ~50 launches would otherwise hold several GB of the machine's memory."""
+    for leftover in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+        leftover.unlink(missing_ok=True)
