@@ -30,6 +30,7 @@ from distill.flow import (
     STUDENT_SIGMAS,
     Sigma,
     add_noise,
+    implied_noise,
     sample_score_sigma,
     timestep_from_sigma,
     x0_from_velocity,
@@ -37,6 +38,7 @@ from distill.flow import (
 from distill.sampling import FusionModel, classifier_free_guidance, pin_first_frame
 
 LATENT_DTYPE = torch.float32  # noise, x_t and x0 between model calls
+RENOISE_MODES = ("fresh", "implied")
 LOSS_DTYPE = torch.float64  # DMD gradient, normaliser and loss arithmetic (as Self-Forcing)
 
 
@@ -54,6 +56,8 @@ class DMDConfig:
     norm_eps: float = 1e-6  # added to the DMD normaliser
     critic_ratio: int = 5  # critic updates per generator update
     flow_shift: float | None = None  # σ sampler shift for flow_loss; None: `shift`; 1.0: uniform
+    renoise: str = "fresh"  # between student steps: fresh noise (SDE, Self-Forcing) or the implied one (ODE)
+    stack_teacher_passes: bool = True  # the teacher's conditional and negative passes as one forward at 2B
 
     def __post_init__(self) -> None:
         sigmas = tuple(float(s) for s in self.student_sigmas)
@@ -86,6 +90,8 @@ class DMDConfig:
             raise ValueError(f"critic_ratio must be an int >= 1, got {self.critic_ratio!r}")
         if self.flow_shift is not None and not self.flow_shift > 0:
             raise ValueError(f"flow_shift must be None or > 0, got {self.flow_shift}")
+        if self.renoise not in RENOISE_MODES:
+            raise ValueError(f"renoise must be one of {RENOISE_MODES}, got {self.renoise!r}")
 
     @property
     def n_steps(self) -> int:
@@ -125,6 +131,7 @@ def predict(
     text_audio: Tensor,
     image_latent: Tensor | None,
     skip_block: int | None = None,
+    skip_samples: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(x0_video, x0_audio, v_video, v_audio) at noise level σ (float or [B]); one shared σ for both
     towers. In i2v, frame 0 of the input is the clean image latent and frame 0 of x0 is pinned."""
@@ -132,7 +139,9 @@ def predict(
     x_video = pin_first_frame(x_video, image_latent)
     batch = x_video.shape[0]
     t = torch.as_tensor(timestep_from_sigma(sigma), dtype=torch.float32, device=x_video.device).expand(batch)
-    v_video, v_audio = model(x_video, x_audio, t, text_video, text_audio, first_frame_clean=i2v, skip_block=skip_block)
+    extra = {} if skip_samples is None else {"skip_samples": skip_samples}
+    v_video, v_audio = model(x_video, x_audio, t, text_video, text_audio, first_frame_clean=i2v, skip_block=skip_block,
+                             **extra)
     x0_video = pin_first_frame(x0_from_velocity(x_video, v_video, sigma).to(LATENT_DTYPE), image_latent)
     x0_audio = x0_from_velocity(x_audio, v_audio, sigma).to(LATENT_DTYPE)
     return x0_video, x0_audio, v_video, v_audio
@@ -157,8 +166,9 @@ def rollout(
 ) -> tuple[Tensor, Tensor]:
     """The student's x0 prediction at step `exit_index`, starting from pure noise at σ = 1.
 
-    Steps before the exit run without grad and re-noise their x0 to the next σ with fresh noise;
-    the exit step is the only one differentiated (truncated backprop), and only if with_grad."""
+    Steps before the exit run without grad and re-noise their x0 to the next σ (cfg.renoise: fresh
+    noise, or the noise implied by the step's input); the exit step is the only one differentiated
+    (truncated backprop), and only if with_grad."""
     if isinstance(exit_index, bool) or not isinstance(exit_index, int) or not 0 <= exit_index < cfg.n_steps:
         raise ValueError(f"exit_index must be an int in [0, {cfg.n_steps}), got {exit_index!r}")
     text, image, sigmas = batch.text, batch.image_latent, cfg.student_sigmas
@@ -166,8 +176,13 @@ def rollout(
     with torch.no_grad():
         for i in range(exit_index):
             x0_video, x0_audio, _, _ = predict(generator_model, x_video, x_audio, sigmas[i], text, text, image)
-            x_video = add_noise(x0_video, _noise_like(x0_video, rng), sigmas[i + 1])
-            x_audio = add_noise(x0_audio, _noise_like(x0_audio, rng), sigmas[i + 1])
+            if cfg.renoise == "implied":
+                noise_video = implied_noise(x_video, x0_video, sigmas[i])
+                noise_audio = implied_noise(x_audio, x0_audio, sigmas[i])
+            else:
+                noise_video, noise_audio = _noise_like(x0_video, rng), _noise_like(x0_audio, rng)
+            x_video = add_noise(x0_video, noise_video, sigmas[i + 1])
+            x_audio = add_noise(x0_audio, noise_audio, sigmas[i + 1])
     with torch.set_grad_enabled(with_grad):
         x0_video, x0_audio, _, _ = predict(generator_model, x_video, x_audio, sigmas[exit_index], text, text, image)
     return x0_video, x0_audio
@@ -214,6 +229,29 @@ def _score_sigma(batch: Batch, cfg: DMDConfig, rng: torch.Generator, shift: floa
 # Generator step, critic step, flow objective
 
 
+def teacher_predictions(teacher: FusionModel, xt_video: Tensor, xt_audio: Tensor, sigma: Tensor, batch: Batch,
+                        cfg: DMDConfig) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """The teacher's x0 on the prompt and on the negative prompts with SLG: ((video, audio), (video, audio)).
+
+    Stacked, both run as one forward at twice the batch (the SLG block skipped for the negative
+    half only): half the teacher's parameter fetches under ZeRO-3, and the same module order in
+    every call, so DeepSpeed's prefetch trace stays valid."""
+    image = batch.image_latent
+    if not cfg.stack_teacher_passes:
+        cond = predict(teacher, xt_video, xt_audio, sigma, batch.text, batch.text, image)
+        uncond = predict(teacher, xt_video, xt_audio, sigma, batch.neg_text_video, batch.neg_text_audio, image,
+                         skip_block=cfg.slg_block)
+        return cond[:2], uncond[:2]
+    two = lambda x: torch.cat([x, x])
+    n = batch.size
+    skip = torch.arange(2 * n, device=xt_video.device) >= n
+    x0_video, x0_audio, _, _ = predict(
+        teacher, two(xt_video), two(xt_audio), two(sigma), torch.cat([batch.text, batch.neg_text_video]),
+        torch.cat([batch.text, batch.neg_text_audio]), None if image is None else two(image),
+        skip_block=cfg.slg_block, skip_samples=None if cfg.slg_block is None else skip)
+    return (x0_video[:n], x0_audio[:n]), (x0_video[n:], x0_audio[n:])
+
+
 def generator_loss(
     generator_model: FusionModel,
     fake_score: FusionModel,
@@ -232,9 +270,8 @@ def generator_loss(
         xt_video = add_noise(x0_video.detach(), _noise_like(x0_video, rng), sigma)
         xt_audio = add_noise(x0_audio.detach(), _noise_like(x0_audio, rng), sigma)
         fake_video, fake_audio, _, _ = predict(fake_score, xt_video, xt_audio, sigma, batch.text, batch.text, image)
-        cond_video, cond_audio, _, _ = predict(teacher, xt_video, xt_audio, sigma, batch.text, batch.text, image)
-        uncond_video, uncond_audio, _, _ = predict(teacher, xt_video, xt_audio, sigma, batch.neg_text_video,
-                                                   batch.neg_text_audio, image, skip_block=cfg.slg_block)
+        (cond_video, cond_audio), (uncond_video, uncond_audio) = teacher_predictions(teacher, xt_video, xt_audio,
+                                                                                     sigma, batch, cfg)
         real_video = classifier_free_guidance(cond_video.to(LOSS_DTYPE), uncond_video.to(LOSS_DTYPE), cfg.cfg_video)
         real_audio = classifier_free_guidance(cond_audio.to(LOSS_DTYPE), uncond_audio.to(LOSS_DTYPE), cfg.cfg_audio)
         grad_video, norm_video = dmd_gradient(_counted(x0_video.detach(), i2v), _counted(fake_video, i2v),

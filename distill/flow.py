@@ -86,6 +86,17 @@ def x0_from_velocity(x_t: Tensor, v: Tensor, sigma: Sigma) -> Tensor:
     return (x_t.double() - s * v.double()).to(torch.result_type(x_t, v))
 
 
+def implied_noise(x_t: Tensor, x0: Tensor, sigma: Sigma) -> Tensor:
+    """ε = (x_t - (1 - σ)·x0)/σ: the noise that took x0 to x_t. Re-noising the next x0 with it
+    instead of fresh noise makes the student's sampler deterministic (DDIM-like, the "ode" student
+    sampler of FastGen); undefined at σ = 0."""
+    _check_same_shape(x_t, x0, "x_t and x0")
+    s = _per_sample_sigma(sigma, x_t)
+    if not isinstance(s, Tensor) and s == 0.0:
+        raise ValueError("implied_noise is undefined at sigma = 0")
+    return ((x_t.double() - (1 - s) * x0.double()) / s).to(torch.result_type(x_t, x0))
+
+
 def velocity_from_x0(x_t: Tensor, x0: Tensor, sigma: Sigma) -> Tensor:
     """v = (x_t - x0)/σ; undefined at σ = 0, where x_t carries no noise to point at."""
     _check_same_shape(x_t, x0, "x_t and x0")

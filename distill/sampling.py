@@ -23,6 +23,7 @@ from distill.flow import (
     NUM_TRAIN_TIMESTEPS,
     STUDENT_SIGMAS,
     add_noise,
+    implied_noise,
     timestep_from_sigma,
     x0_from_velocity,
 )
@@ -368,13 +369,17 @@ def sample_student(
     sigmas: tuple[float, ...] = STUDENT_SIGMAS,
     image_latent: Tensor | None = None,
     generator: torch.Generator | None = None,
+    renoise: str = "fresh",
 ) -> tuple[Tensor, Tensor]:
     """One conditional forward per σ (CFG is distilled in); returns the last step's x0.
 
-    Between steps, x0 is re-noised to the next σ with fresh Gaussian noise, as in training.
+    Between steps, x0 is re-noised to the next σ as in training: with fresh Gaussian noise
+    (renoise="fresh") or with the noise implied by the step's input ("implied": deterministic).
     """
     _check_pair(noise_video, noise_audio)
     _check_sigmas(tuple(sigmas))
+    if renoise not in ("fresh", "implied"):
+        raise ValueError(f"renoise must be 'fresh' or 'implied', got {renoise!r}")
     i2v = image_latent is not None
     video, audio = noise_video, noise_audio
     batch, device = video.shape[0], video.device
@@ -386,8 +391,12 @@ def sample_student(
         x0_audio = x0_from_velocity(audio, v_audio, sigma)
         if k + 1 < len(sigmas):
             next_sigma = sigmas[k + 1]
-            video = add_noise(x0_video, _fresh_noise(x0_video, generator), next_sigma)
-            audio = add_noise(x0_audio, _fresh_noise(x0_audio, generator), next_sigma)
+            if renoise == "implied":
+                noise_video, noise_audio = implied_noise(video, x0_video, sigma), implied_noise(audio, x0_audio, sigma)
+            else:
+                noise_video, noise_audio = _fresh_noise(x0_video, generator), _fresh_noise(x0_audio, generator)
+            video = add_noise(x0_video, noise_video, next_sigma)
+            audio = add_noise(x0_audio, noise_audio, next_sigma)
     return x0_video, x0_audio
 
 

@@ -21,7 +21,9 @@ from distill.flow import STUDENT_SIGMAS
 from distill.models import OviFusion
 
 B, C, F, H, W, L, TEXT_LEN, TEXT_DIM = 2, 48, 3, 4, 4, 8, 6, 32
-CFG = DMDConfig(slg_block=1)  # the tiny model has 3 blocks: Ovi's block 11 would skip nothing
+# the tiny model has 3 blocks: Ovi's block 11 would skip nothing. The teacher's two passes run apart
+# here so each call can be checked on its own; stacked, they are one call (checked against this).
+CFG = DMDConfig(slg_block=1, stack_teacher_passes=False)
 
 
 @dataclass
@@ -49,12 +51,12 @@ class Recorder:
                  id(self.batch.neg_text_audio): "neg_audio"}
         return names.get(id(text), "other")
 
-    def __call__(self, video, audio, t, text_video, text_audio, first_frame_clean=False, skip_block=None):
+    def __call__(self, video, audio, t, text_video, text_audio, first_frame_clean=False, skip_block=None, **extra):
         self.log.append(Call(self.name, torch.is_grad_enabled(), skip_block, first_frame_clean,
                              self._text_name(text_video), self._text_name(text_audio), video.detach().clone(),
                              t.detach().clone(), audio.detach().clone()))
         v_video, v_audio = self.model(video, audio, t, text_video, text_audio,
-                                      first_frame_clean=first_frame_clean, skip_block=skip_block)
+                                      first_frame_clean=first_frame_clean, skip_block=skip_block, **extra)
         if self.perturb is not None:
             frames, amount = self.perturb
             bump = torch.zeros_like(v_video)
@@ -165,7 +167,7 @@ def test_score_calls_texts_and_slg(models):
 def test_slg_can_be_disabled(models):
     batch = make_batch(False)
     G, Fk, R, log = wrap(models, batch)
-    generator_loss(G, Fk, R, batch, 0, DMDConfig(slg_block=None), rng())
+    generator_loss(G, Fk, R, batch, 0, DMDConfig(slg_block=None, stack_teacher_passes=False), rng())
     assert all(c.skip_block is None for c in log)
 
 
@@ -204,7 +206,8 @@ def test_critic_step_trains_only_the_fake_score(models, i2v):
 @pytest.mark.parametrize("i2v", [False, True], ids=["t2v", "i2v"])
 def test_dmd_gradient_vanishes_when_fake_score_is_the_teacher_without_cfg(weights, i2v):
     gen, fake, teacher = tiny(weights, "generator"), tiny(weights, "teacher"), tiny(weights, "teacher")
-    no_cfg = DMDConfig(cfg_video=1.0, cfg_audio=1.0, slg_block=1)
+    # passes apart: the fake score and the teacher then see the same batch, so the cancellation is exact
+    no_cfg = DMDConfig(cfg_video=1.0, cfg_audio=1.0, slg_block=1, stack_teacher_passes=False)
     loss, metrics = generator_loss(gen, fake, teacher, make_batch(i2v), 2, no_cfg, rng())
     loss.backward()
     assert loss.item() == 0.0
@@ -237,7 +240,7 @@ def test_teacher_cfg_is_standard_form_per_modality_and_normalised_per_sample(mod
         return cond if text is batch.text else neg
 
     gen = models[0]
-    cfg = DMDConfig(cfg_video=4.0, cfg_audio=3.0, slg_block=None)
+    cfg = DMDConfig(cfg_video=4.0, cfg_audio=3.0, slg_block=None, stack_teacher_passes=False)  # texts told apart by identity
     _, metrics = generator_loss(gen, ConstantX0(lambda _: fake_x0), ConstantX0(teacher_x0), batch, 1, cfg, rng())
     x0_video, x0_audio = rollout(gen, batch, 1, cfg, rng(), with_grad=False)  # rollout draws first from rng
     for x0, k, w, name in ((x0_video[:, :, 1:] if i2v else x0_video, 0, 4.0, "video"), (x0_audio, 1, 3.0, "audio")):
@@ -346,6 +349,60 @@ def test_rollout_renoises_with_fresh_noise():
         for b in range(a + 1, 4):
             assert not torch.allclose(noises[a], noises[b])
     assert all(abs(n.std().item() - 1) < 0.2 for n in noises)
+
+
+def test_rollout_with_implied_renoise_is_deterministic_ddim():
+    """renoise='implied': each next input is (1-σ')·x0 + σ'·ε with ε the noise the step's input implied:
+    ZeroX0 predicts x0 = 0, so every input is σ_k times the first noise, whatever the rng."""
+    inputs = []
+    for seed in (1, 2):
+        model = ZeroX0()
+        rollout(model, make_batch(False), 3, DMDConfig(renoise="implied"), rng(seed), with_grad=False)
+        inputs.append(model.inputs)
+    first = inputs[0][0][0]
+    for (video, audio), sigma in zip(inputs[0], STUDENT_SIGMAS):
+        torch.testing.assert_close(video, sigma * first, rtol=0, atol=1e-6)
+        torch.testing.assert_close(audio, sigma * inputs[0][0][1], rtol=0, atol=1e-6)
+    # the rng only draws the starting noise: same draws give the same walk, fresh ones differ
+    assert not torch.allclose(inputs[0][0][0], inputs[1][0][0])
+
+
+@pytest.mark.parametrize("i2v", [False, True], ids=["t2v", "i2v"])
+@pytest.mark.parametrize("slg_block", [1, None])
+def test_stacked_teacher_passes_give_the_same_loss_in_one_call(models, i2v, slg_block):
+    """One teacher forward at 2B (the SLG block skipped for the negative half only) equals the
+    conditional and the negative passes run apart."""
+    batch = make_batch(i2v)
+    losses, logs = [], []
+    for stacked in (False, True):
+        cfg = DMDConfig(slg_block=slg_block, stack_teacher_passes=stacked)
+        G, Fk, R, log = wrap(models, batch)
+        loss, metrics = generator_loss(G, Fk, R, batch, 1, cfg, rng())
+        losses.append((loss.detach(), metrics["grad_norm_video"], metrics["grad_norm_audio"]))
+        logs.append(log)
+    for a, b in zip(*losses):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    teacher_calls = [c for c in logs[1] if c.model == "R"]
+    assert len(teacher_calls) == 1 and teacher_calls[0].video.shape[0] == 2 * B
+    assert teacher_calls[0].skip_block == slg_block
+    assert count(logs[0], "R", False) == 2
+
+
+def test_skip_samples_skips_the_block_for_those_samples_only(weights):
+    model = tiny(weights, "teacher")
+    batch = make_batch(False)
+    t = torch.full((B,), 700.0)
+    with torch.no_grad():
+        full = model(batch.video, batch.audio, t, batch.text, batch.text)
+        slg = model(batch.video, batch.audio, t, batch.text, batch.text, skip_block=1)
+        mixed = model(batch.video, batch.audio, t, batch.text, batch.text, skip_block=1,
+                      skip_samples=torch.tensor([False, True]))
+    for m in range(2):
+        torch.testing.assert_close(mixed[m][0], full[m][0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(mixed[m][1], slg[m][1], rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(full[m][1], slg[m][1])
+    with pytest.raises(ValueError, match="skip_samples"):
+        model(batch.video, batch.audio, t, batch.text, batch.text, skip_block=1, skip_samples=torch.tensor([1, 0]))
 
 
 def test_same_rng_state_gives_identical_losses_and_gradients(models):
@@ -470,6 +527,7 @@ def test_flow_loss_decreases_with_adam(weights):
     ("norm_eps", 0.0),
     ("critic_ratio", 0),
     ("flow_shift", -1.0),
+    ("renoise", "ode"),
 ])
 def test_config_errors_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):

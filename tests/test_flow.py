@@ -5,6 +5,7 @@ import torch
 from distill.flow import (
     STUDENT_SIGMAS,
     add_noise,
+    implied_noise,
     sample_score_sigma,
     shift_sigma,
     sigma_from_timestep,
@@ -73,6 +74,16 @@ def test_x0_velocity_round_trip():
     torch.testing.assert_close(velocity_from_x0(x_t, x0, sigma), v, rtol=0, atol=1e-5)
     # a float σ and a 0-dim tensor σ mean the same thing
     torch.testing.assert_close(x0_from_velocity(x_t, v, 0.7), x0_from_velocity(x_t, v, torch.tensor(0.7)))
+
+
+def test_implied_noise_inverts_add_noise():
+    g = torch.Generator().manual_seed(2)
+    x0, eps = torch.randn(2, 48, 3, 4, 6, generator=g), torch.randn(2, 48, 3, 4, 6, generator=g)
+    sigma = torch.tensor([0.25, 0.9])
+    torch.testing.assert_close(implied_noise(add_noise(x0, eps, sigma), x0, sigma), eps, rtol=0, atol=1e-5)
+    torch.testing.assert_close(implied_noise(add_noise(x0, eps, 1.0), x0, 1.0), eps, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="sigma = 0"):
+        implied_noise(x0, x0, 0.0)
 
 
 def test_conversions_keep_the_input_dtype():

@@ -297,6 +297,32 @@ def test_student_renoises_with_fresh_gaussian_noise_from_the_generator():
         assert not torch.equal(call_a["video"], call_c["video"])
 
 
+class ConstantX0Model(X0TargetModel):
+    """x0 = 3 (video) and -3 (audio) at every call."""
+
+    def __call__(self, video, audio, t, *args, **kwargs):
+        self.calls.append(dict(video=video.clone(), audio=audio.clone(), t=t.clone()))
+        sigma = t.double().view(-1, *[1] * (video.ndim - 1)) / 1000
+        sigma_a = t.double().view(-1, 1, 1) / 1000
+        return ((video.double() - 3) / sigma).to(video.dtype), ((audio.double() + 3) / sigma_a).to(audio.dtype)
+
+
+def test_student_implied_renoise_is_deterministic_and_reuses_the_first_noise():
+    """renoise='implied' re-noises with the noise the step's input implied (DDIM): with a constant
+    x0 every input is (1-σ_k)·x0 + σ_k·(the starting noise), and the generator is never drawn from."""
+    video, audio = noises()
+    model_a, model_b = ConstantX0Model(), ConstantX0Model()
+    out_a = sample_student(model_a, video, audio, const_text(1), generator=torch.Generator().manual_seed(5), renoise="implied")
+    out_b = sample_student(model_b, video, audio, const_text(1), generator=torch.Generator().manual_seed(6), renoise="implied")
+    assert len(model_a.calls) == 4
+    for call, sigma in zip(model_a.calls, STUDENT_SIGMAS):
+        torch.testing.assert_close(call["video"], (1 - sigma) * 3 + sigma * video, rtol=0, atol=1e-5)
+        torch.testing.assert_close(call["audio"], (1 - sigma) * -3 + sigma * audio, rtol=0, atol=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(out_a, out_b))
+    with pytest.raises(ValueError, match="renoise"):
+        sample_student(model_a, video, audio, const_text(1), renoise="ode")
+
+
 def test_student_i2v_pins_frame_zero_of_inputs_and_x0():
     image = torch.randn(B, C, 1, H, W, generator=torch.Generator().manual_seed(9))
     model = X0TargetModel()

@@ -45,6 +45,7 @@ def test_engines_gradients_counts_ema_teacher_export_flow(dataset, tmp_path):
             # teacher 2 (cond + uncond), fake score 1, student with grad 1, without grad = exit index
             calls = [tuple(c) for c in g["calls"]]
             assert calls.count(("teacher", False)) == 2 and calls.count(("fake_score", False)) == 1
+            assert g["teacher_call_batches"] == [2], "cond + negative passes stacked into one call at 2x the batch"
             assert calls.count(("generator", True)) == 1 and calls.count(("generator", False)) == g["exit"]
             assert len(calls) == g["exit"] + 4
             assert g["generator_grad"] > 0 and g["fake_grad"] == 0

@@ -61,12 +61,14 @@ class OviFusion(nn.Module):
     def forward(self, video: torch.Tensor | None, audio: torch.Tensor | None, t: torch.Tensor,
                 text_video: torch.Tensor | None, text_audio: torch.Tensor | None,
                 first_frame_clean: bool = False, skip_block: int | None = None,
-                t_video: torch.Tensor | None = None):
+                t_video: torch.Tensor | None = None, skip_samples: torch.Tensor | None = None):
         """video [B,48,F,H,W], audio [B,L,20] (channel-last), t [B] on the 0..1000 scale shared
         by both towers (t_video [B,N_v] optionally overrides it per video token), text_* [B,<=text_len,D]
         zero-padded and unmasked. first_frame_clean: latent frame 0 tokens get t = 0 (i2v).
-        skip_block: block index skipped in both towers (Ovi's SLG). Returns velocities of the
-        input shapes; None for a missing modality (single-tower path)."""
+        skip_block: block index skipped in both towers (Ovi's SLG); skip_samples [B] bool limits
+        the skip to those samples (the block runs for all and the others keep its output, so a
+        conditional and an SLG pass can share one forward). Returns velocities of the input
+        shapes; None for a missing modality (single-tower path)."""
         if video is None and audio is None:
             raise ValueError("need at least one of video, audio")
         t = torch.as_tensor(t, device=(video if video is not None else audio).device)
@@ -76,9 +78,13 @@ class OviFusion(nn.Module):
         a = self.audio_model.prepare(audio, t, text_audio, False) if audio is not None else None
         vx, ax = (v.x if v else None), (a.x if a else None)
         for i in range(self.cfg.video.num_layers):
-            if skip_block is not None and skip_block >= 0 and i == skip_block:
+            skipped = skip_block is not None and skip_block >= 0 and i == skip_block
+            if skipped and skip_samples is None:
                 continue
-            vx, ax = self._run_block(i, v, a, vx, ax)
+            out_v, out_a = self._run_block(i, v, a, vx, ax)
+            if skipped:
+                out_v, out_a = _keep_input_where(skip_samples, vx, out_v), _keep_input_where(skip_samples, ax, out_a)
+            vx, ax = out_v, out_a
         if v:
             v.x = vx
         if a:
@@ -95,6 +101,14 @@ class OviFusion(nn.Module):
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(fn, *args, use_reentrant=False)
         return fn(*args)
+
+
+def _keep_input_where(skip: torch.Tensor, x_in: torch.Tensor | None, x_out: torch.Tensor | None):
+    if x_in is None:
+        return None
+    if skip.shape != (x_in.shape[0],) or skip.dtype != torch.bool:
+        raise ValueError(f"skip_samples must be a bool tensor [B={x_in.shape[0]}], got {skip.dtype} {tuple(skip.shape)}")
+    return torch.where(skip.to(x_in.device).view(-1, *([1] * (x_in.dim() - 1))), x_in, x_out)
 
 
 @torch.no_grad()

@@ -60,11 +60,13 @@ def grad_change(engine, before: list) -> float:
     return change
 
 
-def counting(engines) -> list:
+def counting(engines, batch_size: int) -> list:
+    """(engine, grad) once per forward pass of the batch: a call at k times the batch (the stacked
+    teacher's conditional + negative passes) counts k."""
     calls = []
     for name in ("generator", "fake_score", "teacher"):
         getattr(engines, name).module.register_forward_pre_hook(
-            lambda mod, inp, name=name: calls.append((name, torch.is_grad_enabled())))
+            lambda mod, inp, name=name: calls.extend([(name, torch.is_grad_enabled())] * (inp[0].shape[0] // batch_size)))
     return calls
 
 
@@ -74,16 +76,19 @@ engines = build_engines(cfg, ds_config)
 batches = build_loader(args.data, cfg, rank, world)
 rng = torch.Generator().manual_seed(100 + rank)
 teacher_before = gathered(engines.teacher.module)
-calls = counting(engines)
+calls = counting(engines, cfg.data.batch_size)
+teacher_calls = []
+engines.teacher.module.register_forward_pre_hook(lambda mod, inp: teacher_calls.append(inp[0].shape[0]))
 
 gen_steps, critic_steps = [], []
 for step, exit_index in enumerate([2, 0, 3]):
     calls.clear()
+    teacher_calls.clear()
     grads_g, grads_f = local_grads(engines.generator), local_grads(engines.fake_score)
     loss, _ = dmd.generator_loss(engines.generator, engines.fake_score, engines.teacher, next(batches),
                                  exit_index, cfg.dmd, rng)
     engines.generator.backward(loss)
-    gen_steps.append({"exit": exit_index, "calls": list(calls), "generator_grad": grad_change(engines.generator, grads_g),
+    gen_steps.append({"exit": exit_index, "calls": list(calls), "teacher_call_batches": list(teacher_calls), "generator_grad": grad_change(engines.generator, grads_g),
                       "fake_grad": grad_change(engines.fake_score, grads_f)})
     engines.generator.step()
     engines.ema.update(step)
