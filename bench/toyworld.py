@@ -79,7 +79,10 @@ better spread but two errors that cancel: the spread of the event and onset fram
 truth's while the tone levels vary 8-13x more than the truth's; the student (and undistilled@4,
 the same sampler before DMD: 0.71) has the same event spread and less spurious tone noise. The
 reduced spread comes from the 4-step sampler and is not recovered by DMD here (0.69 at DMD step
-120, 0.70 at 240).
+120, 0.70 at 240). `--set renoise=implied` re-noises with the noise each step's input implied
+(deterministic; same in DMD and in sampling): on CPU the student then keeps the teacher's spread
+(diversity 1.03 vs 1.00) and matches teacher@50 on every metric, but no longer beats it, so FD vs
+teacher@4 fails instead (bench/RESULTS.md, "Re-noising the student"; not run on the GPU).
 
 DMD settings, measured on CPU against one 800-step ci-shaped teacher (teacher@50 FD 3.96 at cfg 1,
 4.70 at cfg 1.5), student FD halfway / at the end of the DMD run, critic lr 4e-4, cfg 1 unless said:
@@ -112,6 +115,7 @@ import torch
 
 from bench import toyworld_metrics as tm
 from bench.launching import free_port, remove_shm_buffers
+from distill.dmd import RENOISE_MODES
 from precompute.shards import (
     VIDEO_LATENT_CHANNELS,
     DatasetInfo,
@@ -283,6 +287,11 @@ class SizeConfig:
     extra_flow: tuple[str, ...] = ()
     extra_dmd: tuple[str, ...] = ()
     dmd_snapshots: int = 1          # students evaluated along the DMD run (every dmd_steps / n steps); the last is "student@4"
+    renoise: str = "fresh"          # the student's re-noising, in DMD and in sampling: fresh | implied (dmd.renoise)
+
+    def __post_init__(self) -> None:
+        if self.renoise not in RENOISE_MODES:  # before the teacher trains, not after
+            raise ValueError(f"renoise must be one of {RENOISE_MODES}, got {self.renoise!r}")
 
 
 # The student's σ list: unwarped (1000, 750, 500, 250)/1000. On this world it beat the shift-5 warped
@@ -401,7 +410,7 @@ def train_teacher_and_student(data: Path, out: Path, size: SizeConfig) -> tuple[
     teacher = export(out / "teacher_run", out / "teacher.safetensors", raw=False)
     dmd = ["objective=dmd", f"model.checkpoint={teacher}", f"generator_optim.lr={size.generator_lr}",
            f"critic_optim.lr={size.critic_lr}", f"dmd.critic_ratio={size.critic_ratio}",
-           f"dmd.cfg_video={size.cfg}", f"dmd.cfg_audio={size.cfg}", "dmd.slg_block=null",
+           f"dmd.cfg_video={size.cfg}", f"dmd.cfg_audio={size.cfg}", "dmd.slg_block=null", f"dmd.renoise={size.renoise}",
            "ema.decay=0.95", f"ema.start_step={size.dmd_steps // 2}",
            *([f"dmd.student_sigmas=[{','.join(map(str, size.student_sigmas))}]"] if size.student_sigmas else []),
            f"keep_checkpoints={size.dmd_snapshots}", *size.extra_dmd]
@@ -453,7 +462,7 @@ def sample_all(teacher, students: dict, size: SizeConfig, device, seed: int = 7)
             out[name][k] = {"video": v.float().cpu(), "audio": a.float().cpu()}
         for name, model in (("undistilled@4", teacher), *students.items()):
             gen = torch.Generator(device=device).manual_seed(seed * 1000 + k)
-            v, a = sample_student(model, noise_v, noise_a, text, sigmas=sigmas, generator=gen)
+            v, a = sample_student(model, noise_v, noise_a, text, sigmas=sigmas, generator=gen, renoise=size.renoise)
             out[name][k] = {"video": v.float().cpu(), "audio": a.float().cpu()}
     return out
 

@@ -67,8 +67,11 @@ def export(run_or_step: Path, out: Path, raw: bool = False, step: int | None = N
     state = raw_state(step_path) if raw else ema_state(step_path)
     with torch.device("meta"):
         model = OviFusion(variant_config(config["model"]["variant"], config["model"].get("num_layers")))
+    dmd = config.get("dmd", {})
     meta = {"source": str(step_path), "weights": "raw" if raw else "ema", "variant": config["model"]["variant"],
-            "format": "ovi-fusion"}
+            "format": "ovi-fusion",  # and the sampler the student was trained for, read back by distill/sample.py
+            **({"student_sigmas": json.dumps(list(dmd["student_sigmas"]))} if dmd.get("student_sigmas") else {}),
+            **({"renoise": dmd["renoise"]} if dmd.get("renoise") else {})}
     path = save_ovi_checkpoint(state, out, dtype=torch.bfloat16, metadata=meta)
     check_header(path, read_header(path), expected_entries(model))  # the exact official key set and shapes
     return path

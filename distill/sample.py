@@ -46,6 +46,7 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
+from distill.dmd import RENOISE_MODES
 from distill.export import ema_state, find_step
 from distill.flow import STUDENT_SIGMAS
 from distill.media_out import audio_to_float, video_to_uint8, write_mp4
@@ -83,6 +84,7 @@ class SampleConfig:
     size: tuple[int, int] | None = None   # requested H, W before snapping (t2v only)
     step: int | None = None               # training step, when model_path is a run dir
     sigmas: tuple[float, ...] | None = None  # student; None: the run's, else STUDENT_SIGMAS
+    renoise: str | None = None            # student; None: the run's, else "fresh"
     teacher_cfg: TeacherSamplerConfig = field(default_factory=TeacherSamplerConfig)
     batch_size: int = 1
     text_batch: int = 8
@@ -113,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int)
     p.add_argument("--step", type=int, help="with a run dir: this checkpoint step instead of the latest")
     p.add_argument("--sigmas", help="student sigmas, comma-separated (default: the run's, else the 4 warped steps)")
+    p.add_argument("--renoise", choices=RENOISE_MODES,
+                   help="student re-noising between steps (default: the run's dmd.renoise, else fresh)")
     p.add_argument("--steps", type=int, help="teacher solver steps (default 50)")
     p.add_argument("--cfg-video", type=float, default=TeacherSamplerConfig.cfg_video)
     p.add_argument("--cfg-audio", type=float, default=TeacherSamplerConfig.cfg_audio)
@@ -158,8 +162,8 @@ def parse_args(argv: Sequence[str] | None = None) -> SampleConfig:
         raise SampleError("--height/--width cannot be combined with --image: the image's aspect sets the size")
     if not teacher and a.steps is not None:
         raise SampleError("--steps is for --teacher; the student's steps are --sigmas")
-    if teacher and (a.sigmas is not None or a.step is not None):
-        raise SampleError("--sigmas and --step are for --student")
+    if teacher and (a.sigmas is not None or a.step is not None or a.renoise is not None):
+        raise SampleError("--sigmas, --renoise and --step are for --student")
     if a.device == "cuda" and not torch.cuda.is_available():
         raise SampleError("--device cuda: no CUDA device here")
     try:
@@ -174,7 +178,7 @@ def parse_args(argv: Sequence[str] | None = None) -> SampleConfig:
         model_path=a.teacher if teacher else a.student, teacher=teacher, variant=get_variant(a.variant),
         prompts_file=a.prompts, out=a.out, seeds=tuple(range(a.seed, a.seed + a.seeds)), images=tuple(a.image),
         size=(a.height, a.width) if a.height is not None else None, step=a.step,
-        sigmas=_parse_sigmas(a.sigmas) if a.sigmas else None, teacher_cfg=teacher_cfg, batch_size=a.batch_size,
+        sigmas=_parse_sigmas(a.sigmas) if a.sigmas else None, renoise=a.renoise, teacher_cfg=teacher_cfg, batch_size=a.batch_size,
         text_batch=a.text_batch, encoders=paths if paths.given else None, vocoder=vocoder, device=a.device,
         dtype=a.dtype, video_negative=a.video_negative, audio_negative=a.audio_negative, cache_dir=a.cache,
         progress=not a.no_progress,
@@ -280,18 +284,22 @@ class ModelSource:
     path: Path                     # the file, or the step dir for "ema"
     sigmas: tuple[float, ...] | None = None  # the run's student sigmas, when known
     num_layers: int | None = None            # the run's depth override, when it had one
+    renoise: str | None = None               # the run's dmd.renoise, when known
 
 
-def _check_safetensors(path: Path, variant: Variant, what: str) -> None:
+def _check_safetensors(path: Path, variant: Variant, what: str) -> dict[str, str]:
+    """The file's metadata, once its keys, shapes and variant are known to fit."""
     if not path.is_file():
         raise SampleError(f"{what} {path}: no such file")
     with torch.device("meta"):
         model = OviFusion(variant_config(variant.name))
     check_header(path, read_header(path), expected_entries(model))  # CheckpointError names file and key
     with safe_open(str(path), framework="pt") as f:
-        saved_variant = (f.metadata() or {}).get("variant")
+        metadata = f.metadata() or {}
+    saved_variant = metadata.get("variant")
     if saved_variant and saved_variant != variant.name:
         raise SampleError(f"{what} {path}: exported for variant {saved_variant}, not --variant {variant.name}")
+    return metadata
 
 
 def resolve_model(cfg: SampleConfig) -> ModelSource:
@@ -300,9 +308,14 @@ def resolve_model(cfg: SampleConfig) -> ModelSource:
         _check_safetensors(cfg.model_path, cfg.variant, "--teacher")
         return ModelSource("teacher", "safetensors", cfg.model_path)
     path = cfg.model_path
-    if path.is_file():
-        _check_safetensors(path, cfg.variant, "--student")
-        return ModelSource("student", "safetensors", path)
+    if path.is_file():  # distill/export.py writes the run's sampler settings into the metadata
+        meta = _check_safetensors(path, cfg.variant, "--student")
+        try:
+            sigmas = json.loads(meta["student_sigmas"]) if "student_sigmas" in meta else None
+        except json.JSONDecodeError:
+            raise SampleError(f"--student {path}: metadata student_sigmas {meta['student_sigmas']!r} is not a JSON list") from None
+        return ModelSource("student", "safetensors", path, tuple(sigmas) if sigmas else None,
+                           renoise=meta.get("renoise"))
     if not path.is_dir():
         raise SampleError(f"--student {path}: no such file or directory")
     step_path = find_step(path, cfg.step)
@@ -316,7 +329,8 @@ def resolve_model(cfg: SampleConfig) -> ModelSource:
     if not any((step_path / "ema").glob("rank-*.pt")):
         raise SampleError(f"--student {step_path}: no EMA shards in {step_path / 'ema'} (export with --raw instead)")
     sigmas = config.get("dmd", {}).get("student_sigmas")
-    return ModelSource("student", "ema", step_path, tuple(sigmas) if sigmas else None, model.get("num_layers"))
+    return ModelSource("student", "ema", step_path, tuple(sigmas) if sigmas else None, model.get("num_layers"),
+                       config.get("dmd", {}).get("renoise"))
 
 
 def load_model(source: ModelSource, variant: Variant, device: torch.device, dtype: torch.dtype) -> OviFusion:
@@ -387,7 +401,8 @@ def encode_images(vae, images: dict[Path, np.ndarray], sizes: dict[Path, tuple[i
 
 def sample_latents(model, jobs: list[Job], cfg: SampleConfig, variant: Variant, texts: dict[str, torch.Tensor],
                    negatives: tuple[torch.Tensor, torch.Tensor] | None, image_latents: dict[Path, torch.Tensor],
-                   sigmas: tuple[float, ...], device: torch.device, dtype: torch.dtype) -> dict[str, tuple]:
+                   sigmas: tuple[float, ...], device: torch.device, dtype: torch.dtype,
+                   renoise: str = "fresh") -> dict[str, tuple]:
     """job name -> (video latent [48, F, h, w], audio latent [L, 20]), float32 on the CPU."""
     channels = (model.cfg.video.in_dim, model.cfg.audio.in_dim)
     results = {}
@@ -406,7 +421,7 @@ def sample_latents(model, jobs: list[Job], cfg: SampleConfig, variant: Variant, 
         else:
             generator = torch.Generator(device).manual_seed(renoise_seed(batch))
             video, audio = sample_student(model, noise_video, noise_audio, text, sigmas=sigmas,
-                                          image_latent=image, generator=generator)
+                                          image_latent=image, generator=generator, renoise=renoise)
         for job, v, a in zip(batch, video.float().cpu(), audio.float().cpu()):
             results[job.name] = (v, a)
     return results
@@ -463,6 +478,9 @@ def run(cfg: SampleConfig) -> dict:
     sigmas = tuple(cfg.sigmas or source.sigmas or STUDENT_SIGMAS)
     if not cfg.teacher and (not all(0 < s <= 1 for s in sigmas) or any(a <= b for a, b in zip(sigmas, sigmas[1:]))):
         raise SampleError(f"--sigmas {sigmas}: must be strictly decreasing values in (0, 1]")
+    renoise = cfg.renoise or source.renoise or "fresh"
+    if renoise not in RENOISE_MODES:
+        raise SampleError(f"{source.path}: unknown re-noising {renoise!r} (expected one of {RENOISE_MODES})")
     device, dtype = resolve_device(cfg)
     cfg.out.mkdir(parents=True, exist_ok=True)
     lap("validate")
@@ -485,7 +503,7 @@ def run(cfg: SampleConfig) -> dict:
 
     model = load_model(source, variant, device, dtype)
     lap("load_dit")
-    latents = sample_latents(model, jobs, cfg, variant, texts, negatives, image_latents, sigmas, device, dtype)
+    latents = sample_latents(model, jobs, cfg, variant, texts, negatives, image_latents, sigmas, device, dtype, renoise)
     del model
     release(device)
     lap("dit")
@@ -494,7 +512,7 @@ def run(cfg: SampleConfig) -> dict:
     written = decode_and_write(jobs, latents, bundle, vocoder, cfg.out, device, cfg.progress)
     lap("decode")
 
-    sampler = asdict(cfg.teacher_cfg) if cfg.teacher else {"steps": len(sigmas), "sigmas": list(sigmas)}
+    sampler = asdict(cfg.teacher_cfg) if cfg.teacher else {"steps": len(sigmas), "sigmas": list(sigmas), "renoise": renoise}
     settings = dict(
         model=dict(kind=source.kind, weights=source.weights, path=str(source.path)),
         variant=variant.name, sampler=sampler, seeds=list(cfg.seeds), prompts_file=str(cfg.prompts_file),

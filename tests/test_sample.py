@@ -145,27 +145,44 @@ def test_batches_never_mix_sizes_or_modes():
         assert len({(j.size, j.image is not None) for j in batch}) == 1
 
 
-def test_student_from_training_checkpoint_uses_its_ema(tmp_path):
-    """A run dir resolves to its latest complete step, and the DiT gets the EMA weights."""
-    ema_model = OviFusion.from_variant("tiny", seed=11)
-    state = ema_model.state_dict()
-    step = tmp_path / "run" / "checkpoints" / "step-000005"
+def write_run(root: Path, state: dict, dmd: dict) -> Path:
+    """A training run dir as distill/train.py leaves it: one complete step with an EMA shard."""
+    step = root / "run" / "checkpoints" / "step-000005"
     (step / "ema").mkdir(parents=True)
     names = list(state)
     torch.save({"world": 1, "rank": 0, "names": names, "shards": [state[n].reshape(-1).clone() for n in names],
                 "numel": [state[n].numel() for n in names], "shape": [list(state[n].shape) for n in names]},
                step / "ema" / "rank-00000.pt")
-    config = {"model": {"variant": "tiny", "num_layers": None}, "dmd": {"student_sigmas": [1.0, 0.5]}}
+    config = {"model": {"variant": "tiny", "num_layers": None}, "dmd": dmd}
     (step / "trainer.json").write_text(json.dumps({"config": config}))
     (step / "COMPLETE").write_text("")
-    (tmp_path / "run" / "checkpoints" / "latest").write_text("step-000005")
+    (root / "run" / "checkpoints" / "latest").write_text("step-000005")
+    return step
 
+
+def test_student_from_training_checkpoint_uses_its_ema(tmp_path):
+    """A run dir resolves to its latest complete step, and the DiT gets the EMA weights."""
+    state = OviFusion.from_variant("tiny", seed=11).state_dict()
+    step = write_run(tmp_path, state, {"student_sigmas": [1.0, 0.5], "renoise": "implied"})
     cfg = parse_args(["--student", str(tmp_path / "run"), "--variant", "tiny", "--prompts", "p", "--out", "o"])
     source = resolve_model(cfg)
-    assert (source.weights, source.path, source.sigmas) == ("ema", step, (1.0, 0.5))
+    assert (source.weights, source.path, source.sigmas, source.renoise) == ("ema", step, (1.0, 0.5), "implied")
     loaded = load_model(source, TINY, torch.device("cpu"), torch.float32).state_dict()
     assert loaded.keys() == state.keys()
     assert all(torch.equal(loaded[k], state[k]) for k in state)
+
+
+def test_exported_student_carries_the_sampler_it_was_trained_for(tmp_path):
+    """export.py writes the run's σ list and re-noising into the file's metadata; sample.py reads them
+    back (the Ovi key names and tensors are untouched), and --sigmas/--renoise still win."""
+    from distill.export import export
+    write_run(tmp_path, OviFusion.from_variant("tiny", seed=11).state_dict(),
+              {"student_sigmas": [1.0, 0.75, 0.5, 0.25], "renoise": "implied"})
+    path = export(tmp_path / "run", tmp_path / "student.safetensors")
+    source = resolve_model(parse_args(["--student", str(path), "--variant", "tiny", "--prompts", "p", "--out", "o"]))
+    assert (source.weights, source.sigmas, source.renoise) == ("safetensors", (1.0, 0.75, 0.5, 0.25), "implied")
+    cfg = parse_args(["--student", str(path), "--variant", "tiny", "--prompts", "p", "--out", "o", "--renoise", "fresh"])
+    assert cfg.renoise == "fresh"
 
 
 def run_main(capsys, args: list[str]) -> tuple[int, str]:

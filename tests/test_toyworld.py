@@ -144,6 +144,9 @@ def test_size_overrides_parse_literals_and_reject_unknown_fields():
         tw.with_overrides(tw.SIZES["gpu"], ["no_such_field=1"])
     with pytest.raises(SystemExit, match="FIELD=VALUE"):
         tw.with_overrides(tw.SIZES["gpu"], ["cfg"])
+    assert tw.with_overrides(tw.SIZES["gpu"], ["renoise=implied"]).renoise == "implied"  # a bare word stays a string
+    with pytest.raises(ValueError, match="renoise"):
+        tw.with_overrides(tw.SIZES["gpu"], ["renoise=ode"])
 
 
 # -- the CI gate: the whole pipeline at --size ci ----------------------------------------------
