@@ -27,6 +27,7 @@ import sys
 import time
 from collections import defaultdict
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -157,6 +158,33 @@ def kernel_categories(prof) -> dict[str, float]:
     return dict(out)
 
 
+def _union_s(intervals: list[tuple[float, float]]) -> float:
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total / 1e6  # profiler times are in µs
+
+
+def gpu_timeline(prof) -> dict[str, float]:
+    """Where the GPU's time went in one profiled step, from kernel intervals: busy with compute
+    (anything but NCCL), busy with NCCL alone (exposed communication), and idle (no kernel at all:
+    the CPU is late, e.g. hooks or launches, or a stream waits on an event)."""
+    compute, comm = [], []
+    for evt in prof.events():
+        if evt.device_type != torch.autograd.DeviceType.CUDA or "#" in evt.name or evt.name.startswith("nccl:"):
+            continue
+        (comm if "nccl" in evt.name.lower() else compute).append((evt.time_range.start, evt.time_range.end))
+    if not compute:
+        return {}
+    both = compute + comm
+    window = (max(b for _, b in both) - min(a for a, _ in both)) / 1e6
+    busy, compute_busy = _union_s(both), _union_s(compute)
+    return {"gpu_window_s": window, "compute_busy_s": compute_busy, "nccl_only_s": busy - compute_busy,
+            "idle_s": window - busy}
+
+
 def timed(fn, iters):
     times = []
     for _ in range(iters):
@@ -185,8 +213,11 @@ def main():
     parser.add_argument("--batches", type=int, nargs="+", default=[1], help="samples per GPU")
     parser.add_argument("--teacher", choices=["zero3", "replicated", "both"], default="zero3",
                         help="model.teacher_sharding; both: time the generator step with each")
+    parser.add_argument("--stack-teacher", choices=["off", "on", "both"], default=None,
+                        help="dmd.stack_teacher_passes for the generator step ('both': time each; default: the config's)")
     parser.add_argument("--no-random-exit", action="store_true", help="skip the random-exit (cycle) timings")
     parser.add_argument("--comm-test", action="store_true", help="measure all-gather / reduce-scatter bandwidth first")
+    parser.add_argument("--ds-config", default=str(Path(__file__).resolve().parents[1] / "ds_configs/zero3.json"))
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
 
@@ -211,8 +242,10 @@ def main():
     cfg = load_config(None, [f"model.variant={variant}", "model.random_init=true", f"model.num_layers={args.layers}",
                              "ema.enabled=true", "dmd.slg_block=1", "log.wandb_mode=disabled",
                              f"model.teacher_sharding={'replicated' if args.teacher == 'replicated' else 'zero3'}",
-                             f"model.zero3_leaf_modules={str(not args.per_linear_fetch).lower()}"])
-    ds_config = json.loads((Path(__file__).resolve().parents[1] / "ds_configs/zero3.json").read_text())
+                             f"model.zero3_leaf_modules={str(not args.per_linear_fetch).lower()}",
+                             *([f"dmd.stack_teacher_passes={str(args.stack_teacher == 'on').lower()}"]
+                               if args.stack_teacher in ("on", "off") else [])])
+    ds_config = json.loads(Path(args.ds_config).read_text())
     engines = build_engines(cfg, ds_config)
     teachers = {cfg.model.teacher_sharding: engines.teacher}
     if args.teacher == "both":
@@ -220,15 +253,15 @@ def main():
     params = sum(p.ds_numel for p in engines.generator.module.parameters())
     text_len, text_dim = engines.generator.module.cfg.video.text_len, engines.generator.module.cfg.video.text_dim
     rng = torch.Generator(device=device).manual_seed(rank)
-    results = {"world": world, "layers": args.layers, "params_per_model": params, "comm": comm,
+    results = {"world": world, "layers": args.layers, "ds_config": ds_config["zero_optimization"], "params_per_model": params, "comm": comm,
                "device": torch.cuda.get_device_name() if cuda else "cpu", "rows": []}
     for (name, grid), batch_size in [(g, b) for g in grids.items() for b in args.batches]:
         batch = synthetic_batch(grid, text_len, text_dim, device, torch.bfloat16, batch_size)
         n_v, n_a = grid[0] * grid[1] * grid[2] // 4, AUDIO
         forward = batch_size * args.layers * fused_block_flops(n_v, n_a) if not args.smoke else 1.0
 
-        def generator_step(exit_index, teacher=engines.teacher):
-            loss, _ = dmd.generator_loss(engines.generator, engines.fake_score, teacher, batch, exit_index, cfg.dmd, rng)
+        def generator_step(exit_index, teacher=engines.teacher, dmd_cfg=cfg.dmd):
+            loss, _ = dmd.generator_loss(engines.generator, engines.fake_score, teacher, batch, exit_index, dmd_cfg, rng)
             engines.generator.backward(loss)
             engines.generator.step()
             engines.ema.update(10**9)
@@ -250,12 +283,19 @@ def main():
         else:
             gen_mean = sum(timed(lambda: generator_step(k), 1) for k in range(4)) / 4     # exit index ~ U{0..3}
             critic_mean = sum(timed(lambda: critic_step(k), 1) for k in range(4)) / 4
-        row = {"grid": name, "zero3_leaf_modules": cfg.model.zero3_leaf_modules, "video_tokens": n_v, "batch_per_gpu": batch_size, "teacher": cfg.model.teacher_sharding,
+        row = {"grid": name, "zero3_leaf_modules": cfg.model.zero3_leaf_modules,
+               "stack_teacher_passes": cfg.dmd.stack_teacher_passes, "video_tokens": n_v, "batch_per_gpu": batch_size, "teacher": cfg.model.teacher_sharding,
                "generator_s": gen, "critic_s": critic,
                "generator_tflops_per_gpu": 7 * forward / gen / 1e12, "critic_tflops_per_gpu": 5 * forward / critic / 1e12,
                "generator_s_random_exit": gen_mean, "critic_s_random_exit": critic_mean,
                "cycle_s": gen_mean + 5 * critic_mean,  # 1 generator + 5 critic updates
                "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0}
+        if args.stack_teacher == "both":  # the other layout of the teacher's two passes, same engines
+            other_cfg = replace(cfg.dmd, stack_teacher_passes=not cfg.dmd.stack_teacher_passes)
+            generator_step(0, dmd_cfg=other_cfg)
+            key = "stacked" if other_cfg.stack_teacher_passes else "separate"
+            row[f"generator_s_{key}_teacher"] = timed(lambda: generator_step(0, dmd_cfg=other_cfg), args.iters)
+            row[f"generator_tflops_per_gpu_{key}_teacher"] = 7 * forward / row[f"generator_s_{key}_teacher"] / 1e12
         if "replicated" in teachers and args.teacher == "both":
             other = teachers["replicated"]
             generator_step(0, other)
@@ -304,6 +344,7 @@ def main():
                 profiler.disable()
                 if rank == 0:
                     row[f"{kind}_kernel_s"] = {"wall_s": wall, **kernel_categories(prof)} if cuda else {"wall_s": wall}
+                    row[f"{kind}_timeline_s"] = gpu_timeline(prof) if cuda else {}
                     table = prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=40)
                     cpu_table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
                     stats = io.StringIO()
