@@ -14,8 +14,8 @@ def test_dmd_step_bench_smoke(tmp_path):
     assert [r["batch_per_gpu"] for r in rows] == [1, 2]
     for r in rows:
         assert r["zero3_leaf_modules"] is True
-        assert r["stack_teacher_passes"] is False  # the config's default, timed first; the other layout second
-        for key in ("generator_s", "critic_s", "generator_s_replicated_teacher", "generator_s_stacked_teacher"):
+        assert r["stack_teacher_passes"] is True  # the config's default, timed first; the other layout second
+        for key in ("generator_s", "critic_s", "generator_s_replicated_teacher", "generator_s_separate_teacher"):
             assert math.isfinite(r[key]) and r[key] > 0, (key, r[key])
         phases = r["breakdown_s"]
         assert {"G fwd", "R fwd (no grad)", "F fwd", "G optimizer step", "F backward"} <= set(phases)
