@@ -115,7 +115,7 @@ import torch
 
 from bench import toyworld_metrics as tm
 from bench.launching import free_port, remove_shm_buffers
-from distill.dmd import RENOISE_MODES
+from distill.flow import RENOISE_MODES
 from precompute.shards import (
     VIDEO_LATENT_CHANNELS,
     DatasetInfo,

@@ -27,6 +27,7 @@ from distill.batch import Batch
 from distill.flow import (
     DEFAULT_SHIFT,
     NUM_TRAIN_TIMESTEPS,
+    RENOISE_MODES,
     STUDENT_SIGMAS,
     Sigma,
     add_noise,
@@ -38,7 +39,6 @@ from distill.flow import (
 from distill.sampling import FusionModel, classifier_free_guidance, pin_first_frame
 
 LATENT_DTYPE = torch.float32  # noise, x_t and x0 between model calls
-RENOISE_MODES = ("fresh", "implied")
 LOSS_DTYPE = torch.float64  # DMD gradient, normaliser and loss arithmetic (as Self-Forcing)
 
 

@@ -86,6 +86,9 @@ def x0_from_velocity(x_t: Tensor, v: Tensor, sigma: Sigma) -> Tensor:
     return (x_t.double() - s * v.double()).to(torch.result_type(x_t, v))
 
 
+RENOISE_MODES = ("fresh", "implied")  # how a few-step student re-noises x0 between its steps
+
+
 def implied_noise(x_t: Tensor, x0: Tensor, sigma: Sigma) -> Tensor:
     """ε = (x_t - (1 - σ)·x0)/σ: the noise that took x0 to x_t. Re-noising the next x0 with it
     instead of fresh noise makes the student's sampler deterministic (DDIM-like, the "ode" student

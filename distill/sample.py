@@ -46,9 +46,8 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from distill.dmd import RENOISE_MODES
 from distill.export import ema_state, find_step
-from distill.flow import STUDENT_SIGMAS
+from distill.flow import RENOISE_MODES, STUDENT_SIGMAS
 from distill.media_out import audio_to_float, video_to_uint8, write_mp4
 from distill.models import OviFusion, load_ovi_checkpoint, variant_config
 from distill.models.loading import check_header, expected_entries, read_header

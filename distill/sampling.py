@@ -21,6 +21,7 @@ from torch import Tensor
 from distill.flow import (
     DEFAULT_SHIFT,
     NUM_TRAIN_TIMESTEPS,
+    RENOISE_MODES,
     STUDENT_SIGMAS,
     add_noise,
     implied_noise,
@@ -378,8 +379,8 @@ def sample_student(
     """
     _check_pair(noise_video, noise_audio)
     _check_sigmas(tuple(sigmas))
-    if renoise not in ("fresh", "implied"):
-        raise ValueError(f"renoise must be 'fresh' or 'implied', got {renoise!r}")
+    if renoise not in RENOISE_MODES:
+        raise ValueError(f"renoise must be one of {RENOISE_MODES}, got {renoise!r}")
     i2v = image_latent is not None
     video, audio = noise_video, noise_audio
     batch, device = video.shape[0], video.device
