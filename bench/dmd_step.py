@@ -8,7 +8,9 @@ and 704×1280 (27,280) + 157 audio tokens, `--batches` samples per GPU.
 
 Diagnostics: --comm-test (NCCL bandwidth), --reference (the same blocks without DeepSpeed),
 --breakdown (per-phase seconds, synced), --profile DIR (torch.profiler + cProfile tables),
---per-linear-fetch (DeepSpeed's default fetch units instead of whole attention/MLP modules).
+--per-linear-fetch (DeepSpeed's default fetch units instead of whole attention/MLP modules),
+--stack-teacher off|on|both (the teacher's two passes apart / as one forward at 2B / time each),
+--ds-config FILE (another DeepSpeed JSON; the row records its zero_optimization section).
 
 Exit index 0 makes the step's passes match the three-engine probe's (generator: 3 no-grad
 forwards + one checkpointed fwd+bwd = 7 forward-equivalents; critic: 1 + 4 = 5), so achieved

@@ -596,7 +596,10 @@ def with_overrides(size: SizeConfig, assignments: list[str]) -> SizeConfig:
             changes[key] = ast.literal_eval(raw)
         except (ValueError, SyntaxError):
             changes[key] = raw
-    return dataclasses.replace(size, **changes)
+    try:
+        return dataclasses.replace(size, **changes)
+    except ValueError as err:  # a field's own check (SizeConfig.__post_init__), before any work
+        raise SystemExit(f"--set {' '.join(assignments)}: {err}") from None
 
 
 def main(argv=None) -> int:
