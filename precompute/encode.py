@@ -479,6 +479,9 @@ def plan_rank(entries: list[ManifestRow | BadRow], rank: int, world: int, done_k
                 skipped += 1
             else:
                 todo.append(entry)
+    # Key order (a hash): neighbouring clips of one source land in different places, so a shard read
+    # front to back (the trainer's loader, through a small shuffle buffer) gives mixed batches.
+    todo.sort(key=lambda entry: entry.key)
     return todo, skipped
 
 

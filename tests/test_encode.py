@@ -14,7 +14,8 @@ import torch
 import webdataset as wds
 
 from precompute.encode import (
-    EXIT_ROWS_FAILED, EXIT_USAGE, BadRow, ManifestError, ManifestRow, encode_clip, parse_args, read_manifest, run,
+    EXIT_ROWS_FAILED, EXIT_USAGE, BadRow, FailureLog, ManifestError, ManifestRow, encode_clip, parse_args, plan_rank,
+    read_manifest, run,
 )
 from precompute.encoders.bundle import EncoderBundle
 from precompute.media import decode_clip
@@ -155,6 +156,18 @@ def test_every_good_clip_is_in_exactly_one_shard_and_the_index(encoded):
     negatives = read_negatives(out / "negatives.safetensors")
     assert negatives.video_prompt == "jitter, bad hands, blur, distortion"
     assert negatives.video_emb.shape[1] == 32 and negatives.audio_emb.shape[0] == negatives.audio_ids.shape[0]
+
+
+def test_a_rank_encodes_its_rows_in_key_order_not_manifest_order(tmp_path):
+    """Clips of one source sit next to each other in a manifest; in key (hash) order they spread
+    over the shards, so the trainer's shard-by-shard reader gets mixed batches."""
+    rows = [ManifestRow(row=i, video=tmp_path / "long.mp4", source_id="long.mp4", prompt="p", image=None,
+                        start=5.0 * i, end=5.0 * i + 5, key=sample_key("long.mp4", 5.0 * i, "tiny"), raw={})
+            for i in range(40)]
+    todo, skipped = plan_rank(rows, rank=0, world=1, done_keys={rows[3].key}, failures=FailureLog(tmp_path, 0))
+    assert skipped == 1 and len(todo) == 39
+    assert [r.key for r in todo] == sorted(r.key for r in rows if r.row != 3)
+    assert [r.row for r in todo] != sorted(r.row for r in todo)
 
 
 def test_every_bad_row_is_in_failures_with_its_reason(encoded):
