@@ -10,7 +10,9 @@ Diagnostics: --comm-test (NCCL bandwidth), --reference (the same blocks without 
 --breakdown (per-phase seconds, synced), --profile DIR (torch.profiler + cProfile tables),
 --per-linear-fetch (DeepSpeed's default fetch units instead of whole attention/MLP modules),
 --stack-teacher off|on|both (the teacher's two passes apart / as one forward at 2B / time each),
---ds-config FILE (another DeepSpeed JSON; the row records its zero_optimization section).
+--ds-config FILE (another DeepSpeed JSON; the row records its zero_optimization section),
+--deepcompile fake_score|generator|both (DeepSpeed's DeepCompile on those engines; with DeepSpeed
+0.19.8 and torch 2.11 it fails in both forms tried: bench/RESULTS.md).
 
 Exit index 0 makes the step's passes match the three-engine probe's (generator: 3 no-grad
 forwards + one checkpointed fwd+bwd = 7 forward-equivalents; critic: 1 + 4 = 5), so achieved
@@ -220,6 +222,8 @@ def main():
     parser.add_argument("--no-random-exit", action="store_true", help="skip the random-exit (cycle) timings")
     parser.add_argument("--comm-test", action="store_true", help="measure all-gather / reduce-scatter bandwidth first")
     parser.add_argument("--ds-config", default=str(Path(__file__).resolve().parents[1] / "ds_configs/zero3.json"))
+    parser.add_argument("--deepcompile", choices=["off", "fake_score", "generator", "both"], default="off",
+                        help="experiment: DeepSpeed's DeepCompile (compile.deepcompile) on trained engines")
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
 
@@ -248,7 +252,12 @@ def main():
                              *([f"dmd.stack_teacher_passes={str(args.stack_teacher == 'on').lower()}"]
                                if args.stack_teacher in ("on", "off") else [])])
     ds_config = json.loads(Path(args.ds_config).read_text())
+    if args.deepcompile != "off":
+        ds_config["compile"] = {"deepcompile": True}
     engines = build_engines(cfg, ds_config)
+    for name in ("generator", "fake_score"):  # graph-level ZeRO-3: fetches scheduled in the compiled graph, no module hooks
+        if args.deepcompile in (name, "both"):
+            getattr(engines, name).compile()
     teachers = {cfg.model.teacher_sharding: engines.teacher}
     if args.teacher == "both":
         teachers["replicated"] = replicated_teacher(cfg, engine_configs(ds_config, cfg)["teacher"])
@@ -285,7 +294,7 @@ def main():
         else:
             gen_mean = sum(timed(lambda: generator_step(k), 1) for k in range(4)) / 4     # exit index ~ U{0..3}
             critic_mean = sum(timed(lambda: critic_step(k), 1) for k in range(4)) / 4
-        row = {"grid": name, "zero3_leaf_modules": cfg.model.zero3_leaf_modules,
+        row = {"grid": name, "zero3_leaf_modules": cfg.model.zero3_leaf_modules, "deepcompile": args.deepcompile,
                "stack_teacher_passes": cfg.dmd.stack_teacher_passes, "video_tokens": n_v, "batch_per_gpu": batch_size, "teacher": cfg.model.teacher_sharding,
                "generator_s": gen, "critic_s": critic,
                "generator_tflops_per_gpu": 7 * forward / gen / 1e12, "critic_tflops_per_gpu": 5 * forward / critic / 1e12,
