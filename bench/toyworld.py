@@ -1,8 +1,8 @@
 """An audio-video world with a known distribution, and the whole distillation pipeline against it:
 
-    python bench/toyworld.py --size ci  --out /tmp/toyworld     # CPU: 6.5 min on 2 shared cores (9 min when busy)
-    python bench/toyworld.py --size gpu --out /tmp/toyworld     # 1 GPU, 7 min (bf16, ds_configs/zero3.json)
-    python bench/toyworld.py --size gpu --out /tmp/tw15 --set cfg=1.5   # any field of the size
+    python bench/toyworld.py --size ci  --out /tmp/toyworld     # CPU: ~8 min on 2 shared cores
+    python bench/toyworld.py --size gpu --out /tmp/toyworld     # 1 GPU, 6.5 min (bf16, ds_configs/zero3.json)
+    python bench/toyworld.py --size gpu --out /tmp/tw --set cfg=1.5 world.spots=1   # any field of the size or world
 
 shards (precompute/shards.py) -> tiny OviFusion teacher (`objective: flow`, distill/train.py)
 -> DMD to 4 steps (distill/train.py, model.checkpoint = the exported teacher) -> teacher@50 (CFG),
@@ -16,7 +16,7 @@ The world (tiny variant shapes: video latents [48, 5, 4, 4], audio latents [22, 
   - K scene classes, each named by a fixed random text token repeated over the whole text
     context [32, 32]; the null prompt (all zeros, also the CFG negative) names the mixture of
     all classes.
-  - video: a Gaussian blob, the same in every channel, at the class's position (on a circle
+  - video: a Gaussian blob, the same in every channel, at one of the class's spots (on a circle
     around the centre) plus jitter, absent in latent frame 0 and present from the event frame
     e ~ U{1..F-1} on, with a random amplitude;
   - audio: a sustained tone in the class's own 4 channels starting at audio frame
@@ -37,62 +37,30 @@ the class token repeated over the text context (instead of 4 random tokens and 2
 and the flow teacher's σ sampler shifted towards high noise (flow_shift 3, where the prompt
 matters). The student uses the unwarped σ list (1, .75, .5, .25), see UNIFORM_SIGMAS.
 
-Last measured (--size ci, CPU, 2 shared cores: 6 min 26 s end to end, of which teacher
-2 min 50 s, DMD ~2.5 min, sampling + metrics ~45 s; the same run took 9 min 03 s on a busier box):
+Shards: the clips are written in a seeded random order. The loader reads one shard at a time
+through a small shuffle buffer, and class-sorted shards (the first design) gave the teacher and DMD
+batches of one class each: every toy number before 2026-11-30 session 5 came from such a teacher
+(bench/RESULTS.md, "Toy world").
 
-| sampler | FD class 0 | FD class 1 | FD class 2 | FD mean | mode coverage | mode hits | A/V onset agreement | diversity / truth |
-|---|---|---|---|---|---|---|---|---|
-| truth (fresh draw) | 0.144 | 0.140 | 0.207 | 0.163 | 1.00 | 1.00 | 1.00 | 0.99 |
-| teacher@50 | 7.433 | 5.152 | 5.610 | 6.065 | 1.00 | 0.79 | 0.19 | 0.98 |
-| teacher@4 | 10.640 | 5.343 | 8.346 | 8.109 | 0.67 | 0.71 | 0.18 | 0.98 |
-| undistilled@4 | 14.460 | 7.267 | 11.284 | 11.003 | 0.67 | 0.71 | 0.17 | 0.82 |
-| student@4 | 6.625 | 4.423 | 4.479 | 5.176 | 0.67 | 0.77 | 0.20 | 0.88 |
+Spots: the object sits at one of `spots` places of its class (4 by default), so the position is
+multimodal and a 4-step solver blends it. With one spot, UniPC at 4 steps was as good as at 50 on
+this world (FD 1.16 vs 0.99, plain training loop), and teacher@4 was no baseline.
 
-The ci teacher is still far from the world (a fresh truth draw scores FD ~0.16): in 400 steps it
-learns the tones per class and roughly when things happen, but not yet where the blob sits nor
-that the blob persists from its event on (position and per-sample A/V onset agreement are near
-chance). The ci gate is therefore relative: the 4-step DMD student beats the teacher's own
-solver at 4 steps. The gpu size trains the same world and model for 2x (teacher) and 2.4x (DMD)
-the steps at twice the batch, with the DMD settings measured below.
+Last measured (2026-11-30, bench/RESULTS.md has the runs and the history):
 
-GPU (2026-11-30, `python bench/toyworld.py --size gpu`, one H200; 7 min end to end, of which
-training 393 s; the cfg 1.5 row is `--set cfg=1.5`, run at the same time on the host's second
-H200; bench/results/toyworld_gpu_h200*.json):
+--size gpu, one H200, 6.5 min end to end (training 378 s): teacher@50 FD 0.874 (truth floor 0.036),
+teacher@4 1.636, undistilled@4 3.877, student@4 1.538 / 1.332 / 1.498 at DMD steps 200 / 400 / 600;
+mode coverage and hits 1.00 for all; the final student's A/V onset 0.63 vs 0.66 and diversity 0.78
+vs 0.78. Against the bar (`criteria`) every check passes except the FD: 1.7x teacher@50 (bound
+1.2x) and 0.92x teacher@4 (bound 0.5x). The student drifts to later, louder events as DMD goes on.
 
-| sampler | FD mean | mode coverage | mode hits | A/V onset | diversity |
-|---|---|---|---|---|---|
-| truth (fresh draw) | 0.016 | 1.00 | 1.00 | 1.00 | 1.00 |
-| teacher@50 (cfg 1) | 4.188 | 1.00 | 0.96 | 0.17 | 1.03 |
-| teacher@4 (cfg 1) | 3.561 | 1.00 | 0.96 | 0.20 | 1.10 |
-| undistilled@4 | 4.037 | 1.00 | 1.00 | 0.14 | 0.71 |
-| student@4 (cfg 1) | 2.347 | 1.00 | 1.00 | 0.15 | 0.70 |
-| teacher@50 (cfg 1.5) | 5.370 | 1.00 | 1.00 | 0.16 | 0.93 |
-| teacher@4 (cfg 1.5) | 5.222 | 1.00 | 1.00 | 0.20 | 1.02 |
-| student@4 (cfg 1.5) | 2.528 | 1.00 | 1.00 | 0.17 | 0.69 |
+--size ci, CPU (8.6 min beside another job on 2 cores): teacher@50 3.86, teacher@4 5.87,
+undistilled@4 5.87, student@4 4.63 (diversity 0.68 vs 0.68). tests/test_toyworld.py asserts the
+student beats teacher@4 and undistilled@4 at this size.
 
-The student is closer to the world than the teacher at 50 steps (FD 0.56x at cfg 1, 0.47x at
-cfg 1.5) and covers every mode. Against the bar the command prints (`criteria`): at cfg 1.5 every
-check passes except diversity; at cfg 1 the FD is 0.66x teacher@4's, not 0.5x, because
-without guidance UniPC at 4 steps is as good as at 50 on this world. Diversity fails at both: 0.70
-vs teacher@50's 1.03. Read per feature (CPU, same kind of teacher), the teacher's 1.03 is not
-better spread but two errors that cancel: the spread of the event and onset frames is 0.6x the
-truth's while the tone levels vary 8-13x more than the truth's; the student (and undistilled@4,
-the same sampler before DMD: 0.71) has the same event spread and less spurious tone noise. The
-reduced spread comes from the 4-step sampler and is not recovered by DMD here (0.69 at DMD step
-120, 0.70 at 240). `--set renoise=implied` re-noises with the noise each step's input implied
-(deterministic; same in DMD and in sampling): on CPU the student then keeps the teacher's spread
-(diversity 1.03 vs 1.00) and matches teacher@50 on every metric, but no longer beats it, so FD vs
-teacher@4 fails instead (bench/RESULTS.md, "Re-noising the student"; not run on the GPU).
-
-DMD settings, measured on CPU against one 800-step ci-shaped teacher (teacher@50 FD 3.96 at cfg 1,
-4.70 at cfg 1.5), student FD halfway / at the end of the DMD run, critic lr 4e-4, cfg 1 unless said:
-ratio 2, generator lr 2e-4 (the ci setting), 160 steps: 5.6 / 9.5, drifting to louder, earlier
-tones (the same at cfg 1.5: 12.0 at 160); 400 steps each from here: ratio 5, lr 1e-4: 4.10 / 4.78;
-ratio 5, lr 3e-5: 2.67 / 2.67 (kept); ratio 5, lr 1e-5: 3.11 / 2.91; ratio 5, lr 3e-5, cfg 1.5:
-2.78 / 3.03; ratio 5, lr 3e-5, critic lr 1e-3: 2.72 / 2.65; ratio 5, lr 1e-4, critic lr 1e-3:
-3.67 / 4.24 (diversity 0.93 instead of 0.83: a faster generator trades FD for spread). The ci
-size keeps its own settings (CFG 2, ratio 2, lr 2e-4): its gate passes at 100 DMD steps, before
-that drift.
+The student's σ list is uniform (1, .75, .5, .25): see UNIFORM_SIGMAS. It re-noises with the noise
+its input implied (`renoise="implied"`, deterministic): on this world the fresh-noise sampler starts
+far worse (undistilled@4 7.45 vs 3.88) and DMD did not close it in 240 steps (3.27 vs 1.69).
 """
 from __future__ import annotations
 
@@ -101,6 +69,7 @@ import ast
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -150,7 +119,8 @@ class WorldConfig:
     num_classes: int = 3
     prompt_tokens: int = VARIANT.text_len   # the class name fills the whole text context (no padding)
     position_radius: float = 1.0    # latent pixels from the centre (1.5, 1.5)
-    position_jitter: float = 0.3    # std of the blob centre around its class position
+    position_jitter: float = 0.3    # std of the blob centre around its spot
+    spots: int = 4                  # places the object can sit per class, evenly spaced on the circle
     blob_sigma: float = 0.7         # latent pixels
     amplitude: float = 2.0          # mean of both the blob peak and the tone level
     amplitude_jitter: float = 0.25
@@ -160,6 +130,8 @@ class WorldConfig:
     def __post_init__(self) -> None:
         if not 1 <= self.num_classes <= AUDIO_CHANNELS // TONE_CHANNELS:
             raise ValueError(f"num_classes must be in 1..{AUDIO_CHANNELS // TONE_CHANNELS}, got {self.num_classes}")
+        if self.spots < 1:
+            raise ValueError(f"spots must be >= 1, got {self.spots}")
 
 
 def audio_onset(event_frame):
@@ -168,10 +140,12 @@ def audio_onset(event_frame):
 
 
 def class_positions(world: WorldConfig) -> np.ndarray:
-    """[K, 2] (row, col) blob centres on a circle around the grid centre."""
+    """[K, M, 2] (row, col) blob centres on a circle around the grid centre: class k's M spots
+    start at its own angle and split the circle evenly (M = 2: opposite sides)."""
     angles = 2 * np.pi * np.arange(world.num_classes) / world.num_classes + np.pi / 4
+    angles = angles[:, None] + 2 * np.pi * np.arange(world.spots)[None, :] / world.spots
     centre = np.array([(LATENT_H - 1) / 2, (LATENT_W - 1) / 2])
-    return centre + world.position_radius * np.stack([np.sin(angles), np.cos(angles)], axis=1)
+    return centre + world.position_radius * np.stack([np.sin(angles), np.cos(angles)], axis=-1)
 
 
 def class_prompts(world: WorldConfig) -> torch.Tensor:
@@ -194,9 +168,11 @@ def sample_world(world: WorldConfig, classes: np.ndarray, seed: int) -> dict[str
     n = len(classes)
     content = np.where(classes == NULL_CLASS, rng.integers(0, world.num_classes, n), classes)
     event = rng.integers(1, FRAMES, n)
-    position = class_positions(world)[content] + world.position_jitter * rng.standard_normal((n, 2))
+    jitter = world.position_jitter * rng.standard_normal((n, 2))
     video_amp = world.amplitude + world.amplitude_jitter * rng.standard_normal(n)
     audio_amp = world.amplitude + world.amplitude_jitter * rng.standard_normal(n)
+    spot = rng.integers(0, world.spots, n) if world.spots > 1 else np.zeros(n, dtype=np.int64)  # drawn last: spots=1 draws as before
+    position = class_positions(world)[content, spot] + jitter
 
     rows, cols = np.arange(LATENT_H)[None, :, None], np.arange(LATENT_W)[None, None, :]
     blob = np.exp(-((rows - position[:, 0, None, None]) ** 2 + (cols - position[:, 1, None, None]) ** 2)
@@ -294,28 +270,26 @@ class SizeConfig:
             raise ValueError(f"renoise must be one of {RENOISE_MODES}, got {self.renoise!r}")
 
 
-# The student's σ list: unwarped (1000, 750, 500, 250)/1000. On this world it beat the shift-5 warped
-# default (1, .9375, .8333, .625) with the same ci teacher: student FD 5.18 vs 6.31, diversity 0.88
-# vs 0.78 (teacher@50 6.07 / 0.98). The teachers keep Ovi's UniPC at shift 5 at 50 and at 4 steps.
+# The student's σ list: unwarped (1000, 750, 500, 250)/1000. It beat the shift-5 warped default
+# (1, .9375, .8333, .625) with the same ci teacher of session 3 (class-sorted batches, one spot): student
+# FD 5.18 vs 6.31, diversity 0.88 vs 0.78; not re-measured on the current world. The teachers keep
+# Ovi's UniPC at shift 5 at 50 and at 4 steps.
 UNIFORM_SIGMAS = (1.0, 0.75, 0.5, 0.25)
 
 SIZES = {
     "ci": SizeConfig(world=WorldConfig(num_classes=3), train_per_class=512, eval_per_class=64, truth_per_class=1000,
-                     flow_steps=400, dmd_steps=100, batch_size=64, flow_lr=2e-3, generator_lr=2e-4, critic_lr=4e-4,
-                     critic_ratio=2, cfg=2.0, ranks=1, fp32=True, student_sigmas=UNIFORM_SIGMAS),
-    # 1 H200, one run of 7 minutes. The tiny DiT is overhead-bound on a GPU (measured on an H200:
-    # ~0.1 s per forward pass through a ZeRO-3 engine, i.e. DeepSpeed's per-module hooks, so a flow
-    # step at batch 128 takes 0.25 s and a DMD step 0.4-1.4 s: no faster than the CPU), so this size
-    # buys batch, not steps: twice the ci teacher's steps at twice its batch. DMD settings measured
-    # on CPU against a teacher of this strength (800 flow steps; bench/RESULTS.md, "Toy world"):
-    # no guidance (cfg 1: with CFG 1.5 or 2 the teacher@50 samples are further from the world, 4.70
-    # and 6.82 vs 3.96, and DMD drifts to louder, earlier tones), two time scales (critic ratio 5,
-    # generator lr 3e-5 against critic lr 4e-4): student FD 2.67 at both 200 and 400 DMD steps, where
-    # lr 1e-4 drifted from 4.10 to 4.78 and ratio 2 / lr 2e-4 from 5.6 to 9.5.
+                     flow_steps=400, dmd_steps=200, batch_size=64, flow_lr=2e-3, generator_lr=3e-5, critic_lr=4e-4,
+                     critic_ratio=5, cfg=1.0, ranks=1, fp32=True, student_sigmas=UNIFORM_SIGMAS, renoise="implied"),
+    # 1 H200, one run of 6.5 minutes. The tiny DiT is overhead-bound on a GPU (~0.1 s per forward
+    # pass through a ZeRO-3 engine: DeepSpeed's per-module hooks, so a flow step at batch 128 takes
+    # 0.25 s), so this size buys batch, not steps: twice the ci teacher's steps at twice its batch.
+    # No guidance (cfg 1: a teacher that fits the world is over-shot by CFG 2), two time scales
+    # (critic ratio 5, generator lr 3e-5 against critic lr 4e-4); measured on the GPU against the
+    # same teacher, lr 1e-4, critic ratio 10 or DMD σ shift 1 did worse (bench/RESULTS.md, "Toy world").
     "gpu": SizeConfig(world=WorldConfig(num_classes=3), train_per_class=2048, eval_per_class=256, truth_per_class=4000,
-                      flow_steps=800, dmd_steps=240, batch_size=128, flow_lr=2e-3, generator_lr=3e-5, critic_lr=4e-4,
+                      flow_steps=800, dmd_steps=600, batch_size=128, flow_lr=2e-3, generator_lr=3e-5, critic_lr=4e-4,
                       critic_ratio=5, cfg=1.0, ranks=1, ds_config="ds_configs/zero3.json", student_sigmas=UNIFORM_SIGMAS,
-                      dmd_snapshots=2,
+                      dmd_snapshots=3, renoise="implied",
                       extra_flow=("model.compile_elementwise=false",), extra_dmd=("model.compile_elementwise=false",)),
 }
 
@@ -328,6 +302,9 @@ def write_dataset(root: Path, world: WorldConfig, per_class: int, seed: int = 1)
     """per_class clips of every class plus per_class null-prompt clips (the class mixture), so
     the flow teacher also learns the unconditional model that CFG subtracts."""
     classes = np.repeat(np.append(np.arange(world.num_classes), NULL_CLASS), per_class)
+    # i.i.d. order: the loader reads one shard at a time through a small shuffle buffer, so
+    # class-sorted shards would make every batch one class
+    classes = np.random.default_rng(seed).permutation(classes)
     clips = sample_world(world, classes, seed)
     prompts = class_prompts(world)
     with ShardWriter(root, rank=0, maxcount=512) as writer:
@@ -558,9 +535,15 @@ def criteria_lines(checks: dict[str, dict]) -> str:
 # The command
 
 
+RUN_PARTS = ("data", "teacher_run", "student_run")  # what run() writes under OUT besides files
+
+
 def run(size_name: str, out: Path, size: SizeConfig | None = None) -> dict:
+    """The whole pipeline from scratch; a previous run's parts under `out` are replaced."""
     size = size or SIZES[size_name]
     out.mkdir(parents=True, exist_ok=True)
+    for part in RUN_PARTS:
+        shutil.rmtree(out / part, ignore_errors=True)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     timings = {}
     t0 = time.perf_counter()
@@ -585,20 +568,26 @@ def run(size_name: str, out: Path, size: SizeConfig | None = None) -> dict:
 
 
 def with_overrides(size: SizeConfig, assignments: list[str]) -> SizeConfig:
-    """`field=value` pairs over a size (values parsed as Python literals: 1.5, 300, (1.0, 0.5))."""
+    """`field=value` pairs over a size (values parsed as Python literals: 1.5, 300, (1.0, 0.5));
+    `world.field=value` changes the world."""
     fields = {f.name for f in dataclasses.fields(SizeConfig)} - {"world"}
-    changes = {}
+    fields |= {f"world.{f.name}" for f in dataclasses.fields(WorldConfig)}
+    changes, world_changes = {}, {}
     for item in assignments:
         key, sep, raw = item.partition("=")
         if not sep or key not in fields:
             raise SystemExit(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {', '.join(sorted(fields))}")
         try:
-            changes[key] = ast.literal_eval(raw)
+            value = ast.literal_eval(raw)
         except (ValueError, SyntaxError):
-            changes[key] = raw
+            value = raw
+        if key.startswith("world."):
+            world_changes[key.removeprefix("world.")] = value
+        else:
+            changes[key] = value
     try:
-        return dataclasses.replace(size, **changes)
-    except ValueError as err:  # a field's own check (SizeConfig.__post_init__), before any work
+        return dataclasses.replace(size, world=dataclasses.replace(size.world, **world_changes), **changes)
+    except ValueError as err:  # a field's own check (__post_init__), before any work
         raise SystemExit(f"--set {' '.join(assignments)}: {err}") from None
 
 

@@ -83,6 +83,35 @@ def test_world_is_seeded_and_null_prompt_draws_every_class():
     assert set(a["content"].tolist()) == {0, 1, 2}
 
 
+def test_object_sits_at_one_of_its_class_spots_and_uses_them_all():
+    world = tw.WorldConfig(spots=4, position_jitter=0.05)
+    clips = tw.sample_world(world, np.full(400, 1), seed=3)
+    spots = tw.class_positions(world)[1]                                   # [4, 2]
+    distance = np.linalg.norm(clips["position"].numpy()[:, None] - spots[None], axis=-1)
+    assert distance.min(axis=1).max() < 0.3                                # every clip at a spot
+    assert set(distance.argmin(axis=1).tolist()) == {0, 1, 2, 3}           # and every spot used
+    # spots are evenly spread on the class circle: 2 spots sit on opposite sides of the centre
+    two = tw.class_positions(tw.WorldConfig(spots=2))
+    np.testing.assert_allclose(two[:, 0] + two[:, 1], np.full((3, 2), 2 * 1.5), atol=1e-12)  # centre (1.5, 1.5)
+    # one spot draws exactly what the single-position world drew (the spot is drawn last)
+    one = tw.sample_world(tw.WorldConfig(spots=1), np.arange(3), seed=0)
+    jitter = one["position"].numpy() - tw.class_positions(tw.WorldConfig(spots=1))[:, 0]
+    assert np.abs(jitter).max() < 4 * tw.WorldConfig().position_jitter
+    with pytest.raises(ValueError, match="spots"):
+        tw.WorldConfig(spots=0)
+
+
+def test_dataset_shards_are_not_sorted_by_class(tmp_path):
+    """The loader reads one shard at a time through a 16-sample shuffle buffer: class-sorted shards
+    would make every batch one class (the first ci teacher learnt from such batches)."""
+    from precompute.shards import iter_shard
+    world = tw.WorldConfig()
+    tw.write_dataset(tmp_path, world, per_class=32)
+    shards = sorted((tmp_path / "shards").rglob("*.tar"))
+    first = [s.meta.extra["class"] for s in iter_shard(shards[0])][:16]
+    assert len(set(first)) == world.num_classes + 1, first                 # every class and the null prompt
+
+
 def fake_samples(world, n, transform=lambda clips: clips, seed=99):
     out = {}
     for k in range(world.num_classes):
@@ -144,7 +173,13 @@ def test_size_overrides_parse_literals_and_reject_unknown_fields():
         tw.with_overrides(tw.SIZES["gpu"], ["no_such_field=1"])
     with pytest.raises(SystemExit, match="FIELD=VALUE"):
         tw.with_overrides(tw.SIZES["gpu"], ["cfg"])
-    assert tw.with_overrides(tw.SIZES["gpu"], ["renoise=implied"]).renoise == "implied"  # a bare word stays a string
+    assert tw.with_overrides(tw.SIZES["gpu"], ["renoise=fresh"]).renoise == "fresh"  # a bare word stays a string
+    world = tw.with_overrides(tw.SIZES["ci"], ["world.spots=2", "world.noise_std=0.05"]).world
+    assert (world.spots, world.noise_std, world.num_classes) == (2, 0.05, tw.SIZES["ci"].world.num_classes)
+    with pytest.raises(SystemExit, match="spots must be >= 1"):
+        tw.with_overrides(tw.SIZES["ci"], ["world.spots=0"])
+    with pytest.raises(SystemExit, match="world.no_such_field"):
+        tw.with_overrides(tw.SIZES["ci"], ["world.no_such_field=1"])
     with pytest.raises(SystemExit, match="renoise must be one of"):
         tw.with_overrides(tw.SIZES["gpu"], ["renoise=ode"])
 
@@ -153,7 +188,7 @@ def test_size_overrides_parse_literals_and_reject_unknown_fields():
 
 def test_ci_size_student_beats_the_teacher_at_four_steps(tmp_path):
     """Shards -> flow teacher -> DMD student, both trained by distill/train.py under the real
-    DeepSpeed launcher; then every sampler against fresh world draws (6.5 min on 2 cores, 9 busy)."""
+    DeepSpeed launcher; then every sampler against fresh world draws (~8 min on 2 cores)."""
     report = tw.run("ci", tmp_path / "toyworld")
     r = report["results"]
     floor, t50, t4, s4 = r["truth (fresh draw)"], r["teacher@50"], r["teacher@4"], r["student@4"]
