@@ -17,9 +17,10 @@ The stream of one rank:
    shard and, for a sample, its key), counted in ``counters`` and skipped. Only a rank that
    takes no new sample for several epochs in a row stops, with an error: looping forever
    without data would hang the other ranks instead.
-3. A small shuffle buffer (seeded draws) mixes neighbouring samples; then each sample joins the
-   pending list of its bucket (its tensor shapes) and a batch is emitted when a list reaches
-   ``batch_size``. Shards hold one bucket each (ShardWriter), so lists fill quickly. The
+3. A small shuffle buffer (seeded draws) mixes neighbouring samples (precompute writes each
+   rank's clips in key order, a hash, so neighbours in a shard are already unrelated clips); then
+   each sample joins the pending list of its bucket (its tensor shapes) and a batch is emitted
+   when a list reaches ``batch_size``. Shards hold one bucket each (ShardWriter), so lists fill quickly. The
    shuffle buffer drains at each epoch's end; a sample still waiting in a bucket list from the
    previous epoch is not taken again, so no batch repeats a clip.
 4. Whether a batch is image-to-video is drawn from (seed, batch number), the same on every
