@@ -171,7 +171,8 @@ def sample_world(world: WorldConfig, classes: np.ndarray, seed: int) -> dict[str
     jitter = world.position_jitter * rng.standard_normal((n, 2))
     video_amp = world.amplitude + world.amplitude_jitter * rng.standard_normal(n)
     audio_amp = world.amplitude + world.amplitude_jitter * rng.standard_normal(n)
-    spot = rng.integers(0, world.spots, n) if world.spots > 1 else np.zeros(n, dtype=np.int64)  # drawn last: spots=1 draws as before
+    # drawn last, and only with several spots, so spots=1 draws what the single-position world drew
+    spot = rng.integers(0, world.spots, n) if world.spots > 1 else np.zeros(n, dtype=np.int64)
     position = class_positions(world)[content, spot] + jitter
 
     rows, cols = np.arange(LATENT_H)[None, :, None], np.arange(LATENT_W)[None, None, :]

@@ -20,9 +20,9 @@ The stream of one rank:
 3. A small shuffle buffer (seeded draws) mixes neighbouring samples (precompute writes each
    rank's clips in key order, a hash, so neighbours in a shard are already unrelated clips); then
    each sample joins the pending list of its bucket (its tensor shapes) and a batch is emitted
-   when a list reaches ``batch_size``. Shards hold one bucket each (ShardWriter), so lists fill quickly. The
-   shuffle buffer drains at each epoch's end; a sample still waiting in a bucket list from the
-   previous epoch is not taken again, so no batch repeats a clip.
+   when a list reaches ``batch_size``. Shards hold one bucket each (ShardWriter), so lists fill
+   quickly. The shuffle buffer drains at each epoch's end; a sample still waiting in a bucket list
+   from the previous epoch is not taken again, so no batch repeats a clip.
 4. Whether a batch is image-to-video is drawn from (seed, batch number), the same on every
    rank: under ZeRO-3 all ranks must run the same code path at each step.
 

@@ -31,7 +31,7 @@ from distill.flow import (
     STUDENT_SIGMAS,
     Sigma,
     add_noise,
-    implied_noise,
+    next_student_input,
     sample_score_sigma,
     timestep_from_sigma,
     x0_from_velocity,
@@ -139,7 +139,7 @@ def predict(
     x_video = pin_first_frame(x_video, image_latent)
     batch = x_video.shape[0]
     t = torch.as_tensor(timestep_from_sigma(sigma), dtype=torch.float32, device=x_video.device).expand(batch)
-    extra = {} if skip_samples is None else {"skip_samples": skip_samples}
+    extra = {} if skip_samples is None else {"skip_samples": skip_samples}  # only the stacked teacher pass needs it
     v_video, v_audio = model(x_video, x_audio, t, text_video, text_audio, first_frame_clean=i2v, skip_block=skip_block,
                              **extra)
     x0_video = pin_first_frame(x0_from_velocity(x_video, v_video, sigma).to(LATENT_DTYPE), image_latent)
@@ -173,16 +173,12 @@ def rollout(
         raise ValueError(f"exit_index must be an int in [0, {cfg.n_steps}), got {exit_index!r}")
     text, image, sigmas = batch.text, batch.image_latent, cfg.student_sigmas
     x_video, x_audio = _noise_like(batch.video, rng), _noise_like(batch.audio, rng)
+    fresh = lambda x: _noise_like(x, rng)
     with torch.no_grad():
         for i in range(exit_index):
             x0_video, x0_audio, _, _ = predict(generator_model, x_video, x_audio, sigmas[i], text, text, image)
-            if cfg.renoise == "implied":
-                noise_video = implied_noise(x_video, x0_video, sigmas[i])
-                noise_audio = implied_noise(x_audio, x0_audio, sigmas[i])
-            else:
-                noise_video, noise_audio = _noise_like(x0_video, rng), _noise_like(x0_audio, rng)
-            x_video = add_noise(x0_video, noise_video, sigmas[i + 1])
-            x_audio = add_noise(x0_audio, noise_audio, sigmas[i + 1])
+            x_video = next_student_input(x_video, x0_video, sigmas[i], sigmas[i + 1], cfg.renoise, fresh)
+            x_audio = next_student_input(x_audio, x0_audio, sigmas[i], sigmas[i + 1], cfg.renoise, fresh)
     with torch.set_grad_enabled(with_grad):
         x0_video, x0_audio, _, _ = predict(generator_model, x_video, x_audio, sigmas[exit_index], text, text, image)
     return x0_video, x0_audio

@@ -9,6 +9,8 @@ x0 ⇄ velocity identity; results come back in the inputs' dtype.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -98,6 +100,14 @@ def implied_noise(x_t: Tensor, x0: Tensor, sigma: Sigma) -> Tensor:
     if not isinstance(s, Tensor) and s == 0.0:
         raise ValueError("implied_noise is undefined at sigma = 0")
     return ((x_t.double() - (1 - s) * x0.double()) / s).to(torch.result_type(x_t, x0))
+
+
+def next_student_input(x_t: Tensor, x0: Tensor, sigma: Sigma, next_sigma: Sigma, mode: str,
+                       fresh: Callable[[Tensor], Tensor]) -> Tensor:
+    """A few-step student's next input: its x0 noised to next_sigma with fresh noise `fresh(x0)`
+    (mode "fresh", Self-Forcing's SDE sampler) or with the noise that took x0 to x_t ("implied")."""
+    noise = implied_noise(x_t, x0, sigma) if mode == "implied" else fresh(x0)
+    return add_noise(x0, noise, next_sigma)
 
 
 def velocity_from_x0(x_t: Tensor, x0: Tensor, sigma: Sigma) -> Tensor:

@@ -177,8 +177,8 @@ def parse_args(argv: Sequence[str] | None = None) -> SampleConfig:
         model_path=a.teacher if teacher else a.student, teacher=teacher, variant=get_variant(a.variant),
         prompts_file=a.prompts, out=a.out, seeds=tuple(range(a.seed, a.seed + a.seeds)), images=tuple(a.image),
         size=(a.height, a.width) if a.height is not None else None, step=a.step,
-        sigmas=_parse_sigmas(a.sigmas) if a.sigmas else None, renoise=a.renoise, teacher_cfg=teacher_cfg, batch_size=a.batch_size,
-        text_batch=a.text_batch, encoders=paths if paths.given else None, vocoder=vocoder, device=a.device,
+        sigmas=_parse_sigmas(a.sigmas) if a.sigmas else None, renoise=a.renoise, teacher_cfg=teacher_cfg,
+        batch_size=a.batch_size, text_batch=a.text_batch, encoders=paths if paths.given else None, vocoder=vocoder, device=a.device,
         dtype=a.dtype, video_negative=a.video_negative, audio_negative=a.audio_negative, cache_dir=a.cache,
         progress=not a.no_progress,
     )
@@ -511,7 +511,8 @@ def run(cfg: SampleConfig) -> dict:
     written = decode_and_write(jobs, latents, bundle, vocoder, cfg.out, device, cfg.progress)
     lap("decode")
 
-    sampler = asdict(cfg.teacher_cfg) if cfg.teacher else {"steps": len(sigmas), "sigmas": list(sigmas), "renoise": renoise}
+    student = {"steps": len(sigmas), "sigmas": list(sigmas), "renoise": renoise}
+    sampler = asdict(cfg.teacher_cfg) if cfg.teacher else student
     settings = dict(
         model=dict(kind=source.kind, weights=source.weights, path=str(source.path)),
         variant=variant.name, sampler=sampler, seeds=list(cfg.seeds), prompts_file=str(cfg.prompts_file),

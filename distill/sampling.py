@@ -23,8 +23,7 @@ from distill.flow import (
     NUM_TRAIN_TIMESTEPS,
     RENOISE_MODES,
     STUDENT_SIGMAS,
-    add_noise,
-    implied_noise,
+    next_student_input,
     timestep_from_sigma,
     x0_from_velocity,
 )
@@ -392,12 +391,9 @@ def sample_student(
         x0_audio = x0_from_velocity(audio, v_audio, sigma)
         if k + 1 < len(sigmas):
             next_sigma = sigmas[k + 1]
-            if renoise == "implied":
-                noise_video, noise_audio = implied_noise(video, x0_video, sigma), implied_noise(audio, x0_audio, sigma)
-            else:
-                noise_video, noise_audio = _fresh_noise(x0_video, generator), _fresh_noise(x0_audio, generator)
-            video = add_noise(x0_video, noise_video, next_sigma)
-            audio = add_noise(x0_audio, noise_audio, next_sigma)
+            fresh = lambda x: _fresh_noise(x, generator)
+            video = next_student_input(video, x0_video, sigma, next_sigma, renoise, fresh)
+            audio = next_student_input(audio, x0_audio, sigma, next_sigma, renoise, fresh)
     return x0_video, x0_audio
 
 

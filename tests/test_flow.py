@@ -6,6 +6,7 @@ from distill.flow import (
     STUDENT_SIGMAS,
     add_noise,
     implied_noise,
+    next_student_input,
     sample_score_sigma,
     shift_sigma,
     sigma_from_timestep,
@@ -133,3 +134,14 @@ def test_sample_score_sigma_bounds_and_errors():
         sample_score_sigma(0, None)
     with pytest.raises(ValueError, match="t_min"):
         sample_score_sigma(4, None, t_min=990, t_max=980)
+
+
+def test_next_student_input_renoises_with_fresh_or_implied_noise():
+    x0, eps = torch.randn(2, 3, generator=torch.Generator().manual_seed(0)), torch.randn(2, 3)
+    x_t = add_noise(x0, eps, 0.8)
+    x0_hat = torch.randn(2, 3)
+    implied = next_student_input(x_t, x0_hat, 0.8, 0.5, "implied", fresh=lambda x: pytest.fail("no draw"))
+    torch.testing.assert_close(implied, add_noise(x0_hat, implied_noise(x_t, x0_hat, 0.8), 0.5))
+    drawn = torch.ones(2, 3)
+    torch.testing.assert_close(next_student_input(x_t, x0_hat, 0.8, 0.5, "fresh", fresh=lambda x: drawn),
+                               add_noise(x0_hat, drawn, 0.5))
