@@ -17,7 +17,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from .rope import apply_rope
 
 # cuDNN attention measured ~1.3x faster than the flash backend on H200 at Ovi's shapes
-# (spec/perf_eval.md §3.4); OVI_DMD_SDPA=default leaves PyTorch's own choice.
+# (spec/perf_eval.md §3.4); OVI_DMD_SDPA=default leaves PyTorch's own choice. "flash" failed in a
+# DMD generator backward on 2 H200 (the checkpoint recompute chose another backend than the forward;
+# bench/RESULTS.md, DeepCompile): use it to time forward passes, not to train.
 _SDPA_PRIORITY = {
     "cudnn": [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
     "flash": [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
