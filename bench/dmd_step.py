@@ -12,7 +12,7 @@ Diagnostics: --comm-test (NCCL bandwidth), --reference (the same blocks without 
 --stack-teacher off|on|both (the teacher's two passes apart / as one forward at 2B / time each),
 --ds-config FILE (another DeepSpeed JSON; the row records its zero_optimization section),
 --deepcompile fake_score|generator|both (DeepSpeed's DeepCompile on those engines; with DeepSpeed
-0.19.8 and torch 2.11 it fails in both forms tried: bench/RESULTS.md).
+0.19.8 and torch 2.11 it fails in every form tried, with and without --per-linear-fetch: bench/RESULTS.md).
 
 Exit index 0 makes the step's passes match the three-engine probe's (generator: 3 no-grad
 forwards + one checkpointed fwd+bwd = 7 forward-equivalents; critic: 1 + 4 = 5), so achieved

@@ -93,7 +93,7 @@ def test_object_sits_at_one_of_its_class_spots_and_uses_them_all():
     # spots are evenly spread on the class circle: 2 spots sit on opposite sides of the centre
     two = tw.class_positions(tw.WorldConfig(spots=2))
     np.testing.assert_allclose(two[:, 0] + two[:, 1], np.full((3, 2), 2 * 1.5), atol=1e-12)  # centre (1.5, 1.5)
-    # one spot draws exactly what the single-position world drew (the spot is drawn last)
+    # one spot: every clip sits at its class's single position, within the jitter
     one = tw.sample_world(tw.WorldConfig(spots=1), np.arange(3), seed=0)
     jitter = one["position"].numpy() - tw.class_positions(tw.WorldConfig(spots=1))[:, 0]
     assert np.abs(jitter).max() < 4 * tw.WorldConfig().position_jitter
