@@ -3,13 +3,14 @@
     python bench/toyworld.py --size ci  --out /tmp/toyworld     # CPU: ~8 min on 2 shared cores
     python bench/toyworld.py --size gpu --out /tmp/toyworld     # 1 GPU, 6.5 min (bf16, ds_configs/zero3.json)
     python bench/toyworld.py --size gpu --out /tmp/tw --set cfg=1.5 world.spots=1   # any field of the size or world
+    python bench/toyworld.py --size gpu --out /tmp/tw2 --teacher /tmp/tw/teacher.safetensors  # DMD only, that teacher
 
 shards (precompute/shards.py) -> tiny OviFusion teacher (`objective: flow`, distill/train.py)
 -> DMD to 4 steps (distill/train.py, model.checkpoint = the exported teacher) -> teacher@50 (CFG),
 teacher@4 (same UniPC solver, shift and CFG), undistilled@4 (the student's 4-step sampler with the
 teacher's weights: where DMD starts) and student@4, sampled in-process with distill/sampling.py -> per-class Fréchet distance, mode coverage, audio-visual onset agreement and
 diversity against fresh draws from the world itself. Prints one markdown table; writes
-OUT/results.json. tests/test_toyworld.py runs --size ci end to end and asserts the student beats
+OUT/results.json and OUT/samples.pt (what the features read of every sample). tests/test_toyworld.py runs --size ci end to end and asserts the student beats
 teacher@4.
 
 The world (tiny variant shapes: video latents [48, 5, 4, 4], audio latents [22, 20]):
@@ -48,15 +49,18 @@ this world (FD 1.16 vs 0.99, plain training loop), and teacher@4 was no baseline
 
 Last measured (2026-11-30, bench/RESULTS.md has the runs and the history):
 
---size gpu, one H200, 6.5 min end to end (training 378 s): teacher@50 FD 0.874 (truth floor 0.036),
-teacher@4 1.636, undistilled@4 3.877, student@4 1.538 / 1.332 / 1.498 at DMD steps 200 / 400 / 600;
-mode coverage and hits 1.00 for all; the final student's A/V onset 0.63 vs 0.66 and diversity 0.78
-vs 0.78. Against the bar (`criteria`) every check passes except the FD: 1.7x teacher@50 (bound
-1.2x) and 0.92x teacher@4 (bound 0.5x). The student drifts to later, louder events as DMD goes on.
+--size gpu, one H200, 6.5-8.5 min end to end: teacher@50 FD 0.874 (truth floor 0.036), teacher@4
+1.636, undistilled@4 3.877, student@4 1.045 / 0.957 / 1.100 at DMD steps 200 / 400 / 600 (bf16;
+fp32: 1.104 / 0.928 / 1.004); mode coverage and hits 1.00 for all; the final student's A/V onset
+0.67 vs 0.66 and diversity 0.79 vs 0.78. Against the bar (`criteria`): FD <= 1.2x teacher@50
+passes in fp32 (1.16x) and at step 400 (1.07-1.09x), not for the bf16 student@4 (1.26x); FD <= 0.5x
+teacher@4 fails (0.61-0.67x): this GPU teacher's teacher@4 is only 1.87x its teacher@50. The
+student's audio still drifts louder than the teacher's after step 400. Before the per-tower
+learning rates (video_lr_scale, audio_lr_scale) the student was at 1.538 / 1.332 / 1.498.
 
---size ci, CPU (8.6 min beside another job on 2 cores): teacher@50 3.86, teacher@4 5.87,
-undistilled@4 5.87, student@4 4.63 (diversity 0.68 vs 0.68). tests/test_toyworld.py asserts the
-student beats teacher@4 and undistilled@4 at this size.
+--size ci, CPU (~9 min beside another job on 2 cores): teacher@50 3.86, teacher@4 5.87,
+undistilled@4 5.87, student@4 3.80 (4.63 with one learning rate for both towers; diversity 0.66 vs
+0.68). tests/test_toyworld.py asserts the student beats teacher@4 and undistilled@4 at this size.
 
 The student's σ list is uniform (1, .75, .5, .25): see UNIFORM_SIGMAS. It re-noises with the noise
 its input implied (`renoise="implied"`, deterministic): on this world the fresh-noise sampler starts
@@ -256,6 +260,10 @@ class SizeConfig:
     cfg: float                      # teacher CFG (both modalities), in sampling and in DMD
     ranks: int
     num_layers: int = 3
+    # the generator's lr per tower (generator_optim.lr_scale_*): the video tower moves to the teacher
+    # slower than the audio tower, which overshoots it (louder tones) when both share one lr
+    video_lr_scale: float = 2.0
+    audio_lr_scale: float = 0.5
     flow_shift: float = 3.0         # σ sampler of the teacher's flow training (1.0 uniform; 3.0 puts ~56% at σ > 0.7)
     ds_config: str = "ds_configs/zero3_cpu.json"
     fp32: bool = False              # train with bf16 off (CPU: bf16 matmuls made a step 7x slower)
@@ -379,14 +387,26 @@ def export(run: Path, out: Path, raw: bool, step: int | None = None) -> Path:
     return export_run(run, out, raw=raw, step=step)
 
 
-def train_teacher_and_student(data: Path, out: Path, size: SizeConfig) -> tuple[Path, dict[int, Path]]:
-    """The exported teacher, and the exported students {DMD step: file} (the last one is the result)."""
+def train_teacher_and_student(data: Path, out: Path, size: SizeConfig,
+                              teacher: Path | None = None) -> tuple[Path, dict[int, Path]]:
+    """The exported teacher, and the exported students {DMD step: file} (the last one is the result).
+    `teacher`: an exported teacher to distil instead of training one (its depth must be the size's)."""
+    if teacher is None:
+        teacher = train_teacher(data, out, size)
+    return teacher, train_student(data, out, size, teacher)
+
+
+def train_teacher(data: Path, out: Path, size: SizeConfig) -> Path:
     flow = ["objective=flow", f"generator_optim.lr={size.flow_lr}", "generator_optim.betas=[0.9,0.999]",
             f"dmd.flow_shift={size.flow_shift}",
             "ema.decay=0.99", f"ema.start_step={size.flow_steps // 2}", *size.extra_flow]
     train(data, out / "teacher_run", size, size.flow_steps, flow, out / "teacher_train.log")
-    teacher = export(out / "teacher_run", out / "teacher.safetensors", raw=False)
+    return export(out / "teacher_run", out / "teacher.safetensors", raw=False)
+
+
+def train_student(data: Path, out: Path, size: SizeConfig, teacher: Path) -> dict[int, Path]:
     dmd = ["objective=dmd", f"model.checkpoint={teacher}", f"generator_optim.lr={size.generator_lr}",
+           f"generator_optim.lr_scale_video={size.video_lr_scale}", f"generator_optim.lr_scale_audio={size.audio_lr_scale}",
            f"critic_optim.lr={size.critic_lr}", f"dmd.critic_ratio={size.critic_ratio}",
            f"dmd.cfg_video={size.cfg}", f"dmd.cfg_audio={size.cfg}", "dmd.slg_block=null", f"dmd.renoise={size.renoise}",
            "ema.decay=0.95", f"ema.start_step={size.dmd_steps // 2}",
@@ -396,8 +416,8 @@ def train_teacher_and_student(data: Path, out: Path, size: SizeConfig) -> tuple[
     train(data, out / "student_run", size, size.dmd_steps, dmd, out / "student_train.log", save_every=every)
     steps = [size.dmd_steps - every * i for i in reversed(range(size.dmd_snapshots))]
     name = lambda step: "student.safetensors" if step == size.dmd_steps else f"student_step{step}.safetensors"
-    return teacher, {step: export(out / "student_run", out / name(step), raw=size.student_weights == "raw", step=step)
-                     for step in steps}
+    return {step: export(out / "student_run", out / name(step), raw=size.student_weights == "raw", step=step)
+            for step in steps}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -539,8 +559,16 @@ def criteria_lines(checks: dict[str, dict]) -> str:
 RUN_PARTS = ("data", "teacher_run", "student_run")  # what run() writes under OUT besides files
 
 
-def run(size_name: str, out: Path, size: SizeConfig | None = None) -> dict:
-    """The whole pipeline from scratch; a previous run's parts under `out` are replaced."""
+def save_samples(samples: dict[str, dict[int, dict]], path: Path) -> None:
+    """What `features` reads of every sample (the object channels' mean video, the audio), so
+    other features can be measured later without sampling again (~13 MB at the gpu size)."""
+    torch.save({name: {k: {"video": s["video"][:, :OBJECT_CHANNELS].double().mean(1, keepdim=True), "audio": s["audio"]}
+                       for k, s in per_class.items()} for name, per_class in samples.items()}, path)
+
+
+def run(size_name: str, out: Path, size: SizeConfig | None = None, teacher: Path | None = None) -> dict:
+    """The whole pipeline from scratch (or from an exported `teacher`: DMD only); a previous run's
+    parts under `out` are replaced."""
     size = size or SIZES[size_name]
     out.mkdir(parents=True, exist_ok=True)
     for part in RUN_PARTS:
@@ -551,19 +579,21 @@ def run(size_name: str, out: Path, size: SizeConfig | None = None) -> dict:
     write_dataset(out / "data", size.world, size.train_per_class)
     timings["dataset_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    teacher_path, student_paths = train_teacher_and_student(out / "data", out, size)
+    teacher_path, student_paths = train_teacher_and_student(out / "data", out, size, teacher)
     timings["train_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    teacher = load_model(teacher_path, size.num_layers, device)
+    teacher_model = load_model(teacher_path, size.num_layers, device)
     students = {"student@4" if step == size.dmd_steps else f"student@4, DMD step {step}": load_model(path, size.num_layers, device)
                 for step, path in student_paths.items()}
-    samples = sample_all(teacher, students, size, device)
+    samples = sample_all(teacher_model, students, size, device)
     timings["sample_s"] = time.perf_counter() - t0
+    save_samples(samples, out / "samples.pt")
     results = evaluate(samples, size.world, size.truth_per_class)
     table = markdown_table(results)
     names = [*FEATURE_NAMES, *(f"tone_{k}" for k in range(size.world.num_classes))]
     report = {"size": size_name, "config": asdict(size), "feature_names": names, "results": results, "timings": timings,
-              "device": str(device), "table": table, "criteria": criteria(results)}
+              "device": str(device), "table": table, "criteria": criteria(results),
+              "teacher": str(teacher) if teacher else "trained by this run"}
     (out / "results.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     return report
 
@@ -598,11 +628,15 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                         help="override fields of the size, e.g. --set cfg=1.5 dmd_steps=600")
+    parser.add_argument("--teacher", type=Path, default=None,
+                        help="distil this exported teacher (teacher.safetensors of an earlier run) instead of training one")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         torch.set_num_threads(1)  # tiny matmuls: 1 thread beats 2 on a shared box (tests/conftest.py)
     size = with_overrides(SIZES[args.size], args.set)
-    report = run(args.size, args.out, size)
+    if args.teacher is not None and not args.teacher.is_file():
+        raise SystemExit(f"--teacher {args.teacher}: no such file")
+    report = run(args.size, args.out, size, args.teacher and args.teacher.resolve())
     print(report["table"])
     print("\n" + criteria_lines(report["criteria"]))
     print(f"\ntimings: " + ", ".join(f"{k} {v:.0f}" for k, v in report["timings"].items()))

@@ -1,6 +1,7 @@
 """bench/toyworld.py: the metrics against closed-form answers on synthetic Gaussians, the world's
 own truth through the metrics, and (the CI gate) the whole pipeline at --size ci: the 4-step
 DMD student must be closer to the world than the teacher run at 4 steps."""
+import dataclasses
 import math
 
 import numpy as np
@@ -210,3 +211,15 @@ def test_ci_size_student_beats_the_teacher_at_four_steps(tmp_path):
     assert np.mean(s4["mode_hits"]) >= np.mean(t4["mode_hits"]) - 0.05, report["table"]
     assert s4["diversity_ratio"] > 0.5, report["table"]
     assert (tmp_path / "toyworld" / "results.json").is_file()
+    # the saved samples are what was measured: re-evaluated, they give the report's numbers
+    saved = torch.load(tmp_path / "toyworld" / "samples.pt")
+    again = tw.evaluate(saved, tw.SIZES["ci"].world, tw.SIZES["ci"].truth_per_class)
+    assert again["student@4"]["fd_mean"] == pytest.approx(s4["fd_mean"], rel=1e-6)
+    assert again["teacher@50"]["fd_mean"] == pytest.approx(t50["fd_mean"], rel=1e-6)
+
+    # --teacher: distil that teacher again, no flow training (a few DMD steps, a small evaluation)
+    teacher = tmp_path / "toyworld" / "teacher.safetensors"
+    quick = dataclasses.replace(tw.SIZES["ci"], train_per_class=16, dmd_steps=4, eval_per_class=8, truth_per_class=50)
+    again = tw.run("ci", tmp_path / "again", quick, teacher=teacher)
+    assert again["teacher"] == str(teacher) and not (tmp_path / "again" / "teacher_run").exists()
+    assert (tmp_path / "again" / "student.safetensors").is_file() and "student@4" in again["results"]
