@@ -10,8 +10,8 @@ shards (precompute/shards.py) -> tiny OviFusion teacher (`objective: flow`, dist
 teacher@4 (same UniPC solver, shift and CFG), undistilled@4 (the student's 4-step sampler with the
 teacher's weights: where DMD starts) and student@4, sampled in-process with distill/sampling.py -> per-class Fréchet distance, mode coverage, audio-visual onset agreement and
 diversity against fresh draws from the world itself. Prints one markdown table; writes
-OUT/results.json and OUT/samples.pt (what the features read of every sample). tests/test_toyworld.py runs --size ci end to end and asserts the student beats
-teacher@4.
+OUT/results.json and OUT/samples.pt (what the features read of every sample).
+tests/test_toyworld.py runs --size ci end to end and asserts the student beats teacher@4.
 
 The world (tiny variant shapes: video latents [48, 5, 4, 4], audio latents [22, 20]):
   - K scene classes, each named by a fixed random text token repeated over the whole text
@@ -391,16 +391,8 @@ def export(run: Path, out: Path, raw: bool, step: int | None = None) -> Path:
     return export_run(run, out, raw=raw, step=step)
 
 
-def train_teacher_and_student(data: Path, out: Path, size: SizeConfig,
-                              teacher: Path | None = None) -> tuple[Path, dict[int, Path]]:
-    """The exported teacher, and the exported students {DMD step: file} (the last one is the result).
-    `teacher`: an exported teacher to distil instead of training one (its depth must be the size's)."""
-    if teacher is None:
-        teacher = train_teacher(data, out, size)
-    return teacher, train_student(data, out, size, teacher)
-
-
 def train_teacher(data: Path, out: Path, size: SizeConfig) -> Path:
+    """Flow-train the tiny teacher and export it (EMA weights)."""
     flow = ["objective=flow", f"generator_optim.lr={size.flow_lr}", "generator_optim.betas=[0.9,0.999]",
             f"dmd.flow_shift={size.flow_shift}",
             "ema.decay=0.99", f"ema.start_step={size.flow_steps // 2}", *size.extra_flow]
@@ -409,6 +401,7 @@ def train_teacher(data: Path, out: Path, size: SizeConfig) -> Path:
 
 
 def train_student(data: Path, out: Path, size: SizeConfig, teacher: Path) -> dict[int, Path]:
+    """DMD from the exported teacher; the exported students {DMD step: file} (the last is the result)."""
     dmd = ["objective=dmd", f"model.checkpoint={teacher}", f"generator_optim.lr={size.generator_lr}",
            f"generator_optim.lr_scale_video={size.video_lr_scale}", f"generator_optim.lr_scale_audio={size.audio_lr_scale}",
            f"critic_optim.lr={size.critic_lr}", f"dmd.critic_ratio={size.critic_ratio}",
@@ -583,7 +576,8 @@ def run(size_name: str, out: Path, size: SizeConfig | None = None, teacher: Path
     write_dataset(out / "data", size.world, size.train_per_class)
     timings["dataset_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    teacher_path, student_paths = train_teacher_and_student(out / "data", out, size, teacher)
+    teacher_path = teacher or train_teacher(out / "data", out, size)
+    student_paths = train_student(out / "data", out, size, teacher_path)
     timings["train_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     teacher_model = load_model(teacher_path, size.num_layers, device)
@@ -638,9 +632,14 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         torch.set_num_threads(1)  # tiny matmuls: 1 thread beats 2 on a shared box (tests/conftest.py)
     size = with_overrides(SIZES[args.size], args.set)
-    if args.teacher is not None and not args.teacher.is_file():
-        raise SystemExit(f"--teacher {args.teacher}: no such file")
-    report = run(args.size, args.out, size, args.teacher and args.teacher.resolve())
+    teacher = None
+    if args.teacher is not None:  # checked against the size's model before any data or training
+        teacher = args.teacher.resolve()
+        try:
+            load_model(teacher, size.num_layers, torch.device("cpu"))
+        except (OSError, ValueError, KeyError) as err:
+            raise SystemExit(f"--teacher {args.teacher}: not a teacher of this size ({size.num_layers} layers): {err}")
+    report = run(args.size, args.out, size, teacher)
     print(report["table"])
     print("\n" + criteria_lines(report["criteria"]))
     print(f"\ntimings: " + ", ".join(f"{k} {v:.0f}" for k, v in report["timings"].items()))

@@ -223,3 +223,14 @@ def test_ci_size_student_beats_the_teacher_at_four_steps(tmp_path):
     again = tw.run("ci", tmp_path / "again", quick, teacher=teacher)
     assert again["teacher"] == str(teacher) and not (tmp_path / "again" / "teacher_run").exists()
     assert (tmp_path / "again" / "student.safetensors").is_file() and "student@4" in again["results"]
+
+
+def test_teacher_of_another_depth_stops_before_any_work(tmp_path):
+    from distill.models import OviFusion, variant_config
+    from distill.models.loading import save_ovi_checkpoint
+    two_layers = save_ovi_checkpoint(OviFusion(variant_config("tiny", 2)).state_dict(), tmp_path / "t2.safetensors")
+    with pytest.raises(SystemExit, match=r"not a teacher of this size \(3 layers\).*missing"):
+        tw.main(["--size", "ci", "--out", str(tmp_path / "out"), "--teacher", str(two_layers)])
+    with pytest.raises(SystemExit, match="no such checkpoint file"):
+        tw.main(["--size", "ci", "--out", str(tmp_path / "out"), "--teacher", str(tmp_path / "none.safetensors")])
+    assert not (tmp_path / "out").exists()
