@@ -49,16 +49,13 @@ this world (FD 1.16 vs 0.99, plain training loop), and teacher@4 was no baseline
 
 Last measured (2026-11-30, bench/RESULTS.md has the runs and the history):
 
---size gpu, one H200, 6.5-8.5 min end to end: teacher@50 FD 0.874 (truth floor 0.036), teacher@4
-1.636, undistilled@4 3.877, student@4 1.045 / 0.957 / 1.100 at DMD steps 200 / 400 / 600 (bf16;
-fp32: 1.104 / 0.928 / 1.004); mode coverage and hits 1.00 for all; the final student's A/V onset
-0.67 vs 0.66 and diversity 0.79 vs 0.78. Against the bar (`criteria`): FD <= 1.2x teacher@50
-passes in fp32 (1.16x) and at step 400 (1.07-1.09x), not for the bf16 student@4 (1.26x); FD <= 0.5x
-teacher@4 fails (0.61-0.67x): this GPU teacher's teacher@4 is only 1.87x its teacher@50. The
-student's audio still drifts louder than the teacher's after step 400. Those runs had video 2x /
-audio 0.5x rates (video_lr_scale, audio_lr_scale); with one rate the student was at 1.538 / 1.332 /
-1.498. The size now sets video 4x / audio 0.25x, measured on CPU only (student 0.82x teacher@50,
-0.39x teacher@4 with a gpu-size teacher trained on CPU).
+--size gpu, one H200, 6.5 min end to end (the defaults; toyworld_gpu_h200_v7_400_fp32.json):
+teacher@50 FD 0.865 (truth floor 0.036), teacher@4 1.636, undistilled@4 3.902, student@4 0.931 /
+0.815 at DMD steps 200 / 400: 0.94x teacher@50 and 0.498x teacher@4; mode coverage and hits 1.00
+for all; A/V onset 0.67 vs 0.66; diversity 0.75 vs 0.78. Every criterion (`criteria`) passes, the
+0.5x one by 0.003 FD. The same run in bf16 (`--set fp32=False`): student 0.819, 0.5006x teacher@4,
+a miss by 0.001; everything else passes. Video 4x / audio 0.25x rates (video_lr_scale,
+audio_lr_scale); with one rate the student was at 1.538 / 1.332 / 1.498 at steps 200 / 400 / 600.
 
 --size ci, CPU (~9 min beside another job on 2 cores): teacher@50 3.86, teacher@4 5.87,
 undistilled@4 5.87, student@4 3.80 (4.63 with one learning rate for both towers; diversity 0.66 vs
@@ -277,8 +274,12 @@ class SizeConfig:
     renoise: str = "fresh"          # the student's re-noising, in DMD and in sampling: fresh | implied (dmd.renoise)
 
     def __post_init__(self) -> None:
-        if self.renoise not in RENOISE_MODES:  # before the teacher trains, not after
+        # before the teacher trains, not after
+        if self.renoise not in RENOISE_MODES:
             raise ValueError(f"renoise must be one of {RENOISE_MODES}, got {self.renoise!r}")
+        if self.dmd_snapshots < 1 or self.dmd_steps % self.dmd_snapshots:
+            raise ValueError(f"dmd_snapshots={self.dmd_snapshots} must divide dmd_steps={self.dmd_steps}: "
+                             "the snapshots are checkpoints saved every dmd_steps / dmd_snapshots steps")
 
 
 # The student's σ list: unwarped (1000, 750, 500, 250)/1000. It beat the shift-5 warped default
@@ -291,7 +292,7 @@ SIZES = {
     "ci": SizeConfig(world=WorldConfig(num_classes=3), train_per_class=512, eval_per_class=64, truth_per_class=1000,
                      flow_steps=400, dmd_steps=200, batch_size=64, flow_lr=2e-3, generator_lr=3e-5, critic_lr=4e-4,
                      critic_ratio=5, cfg=1.0, ranks=1, fp32=True, student_sigmas=UNIFORM_SIGMAS, renoise="implied"),
-    # 1 H200, one run of 6.5 minutes. The tiny DiT is overhead-bound on a GPU (~0.1 s per forward
+    # 1 H200, one run of ~6.5 minutes. The tiny DiT is overhead-bound on a GPU (~0.1 s per forward
     # pass through a ZeRO-3 engine: DeepSpeed's per-module hooks, so a flow step at batch 128 takes
     # 0.25 s), so this size buys batch, not steps: twice the ci teacher's steps at twice its batch.
     # No guidance (cfg 1: a teacher that fits the world is over-shot by CFG 2), two time scales
@@ -299,10 +300,14 @@ SIZES = {
     # same teacher, lr 1e-4, critic ratio 10 or DMD σ shift 1 did worse (bench/RESULTS.md, "Toy world").
     # Per-tower rates video 4x / audio 0.25x: on CPU with a gpu-size teacher the student went from
     # 1.34x teacher@50 (one rate) to 0.82x; audio 0.5x still let the audio overshoot after step 400.
+    # 400 DMD steps, not 600: on the H200 with these rates the student was at 0.80x teacher@50 at step
+    # 400 and drifted back to 0.98-1.12x by step 600 (bench/RESULTS.md, "Session 8"). fp32: no slower
+    # on the GPU at this size, and its final student came out at or below the bf16 one in each of the
+    # four bf16/fp32 pairs run on the H200 (by 0.004 FD in the last: within run-to-run noise).
     "gpu": SizeConfig(world=WorldConfig(num_classes=3), train_per_class=2048, eval_per_class=256, truth_per_class=4000,
-                      flow_steps=800, dmd_steps=600, batch_size=128, flow_lr=2e-3, generator_lr=3e-5, critic_lr=4e-4,
-                      critic_ratio=5, cfg=1.0, ranks=1, ds_config="ds_configs/zero3.json", student_sigmas=UNIFORM_SIGMAS,
-                      dmd_snapshots=3, renoise="implied", video_lr_scale=4.0, audio_lr_scale=0.25,
+                      flow_steps=800, dmd_steps=400, batch_size=128, flow_lr=2e-3, generator_lr=3e-5, critic_lr=4e-4,
+                      critic_ratio=5, cfg=1.0, ranks=1, ds_config="ds_configs/zero3.json", student_sigmas=UNIFORM_SIGMAS, fp32=True,
+                      dmd_snapshots=2, renoise="implied", video_lr_scale=4.0, audio_lr_scale=0.25,
                       extra_flow=("model.compile_elementwise=false",), extra_dmd=("model.compile_elementwise=false",)),
 }
 

@@ -183,6 +183,10 @@ def test_size_overrides_parse_literals_and_reject_unknown_fields():
         tw.with_overrides(tw.SIZES["ci"], ["world.no_such_field=1"])
     with pytest.raises(SystemExit, match="renoise must be one of"):
         tw.with_overrides(tw.SIZES["gpu"], ["renoise=ode"])
+    # the snapshots are checkpoints every dmd_steps / dmd_snapshots: a remainder would leave the
+    # exporter looking for a step that was never saved, after the whole run
+    with pytest.raises(SystemExit, match="dmd_snapshots=3 must divide dmd_steps=400"):
+        tw.with_overrides(tw.SIZES["gpu"], ["dmd_steps=400", "dmd_snapshots=3"])
 
 
 # -- the CI gate: the whole pipeline at --size ci ----------------------------------------------
