@@ -1,7 +1,7 @@
 """An audio-video world with a known distribution, and the whole distillation pipeline against it:
 
     python bench/toyworld.py --size ci  --out /tmp/toyworld     # CPU: ~8 min on 2 shared cores
-    python bench/toyworld.py --size gpu --out /tmp/toyworld     # 1 GPU, 6.5 min (bf16, ds_configs/zero3.json)
+    python bench/toyworld.py --size gpu --out /tmp/toyworld     # 1 GPU, ~6.5 min (fp32, ds_configs/zero3.json)
     python bench/toyworld.py --size gpu --out /tmp/tw --set cfg=1.5 world.spots=1   # any field of the size or world
     python bench/toyworld.py --size gpu --out /tmp/tw2 --teacher /tmp/tw/teacher.safetensors  # DMD only, that teacher
 
@@ -416,7 +416,7 @@ def train_student(data: Path, out: Path, size: SizeConfig, teacher: Path) -> dic
            f"keep_checkpoints={size.dmd_snapshots}", *size.extra_dmd]
     every = size.dmd_steps // size.dmd_snapshots
     train(data, out / "student_run", size, size.dmd_steps, dmd, out / "student_train.log", save_every=every)
-    steps = [size.dmd_steps - every * i for i in reversed(range(size.dmd_snapshots))]
+    steps = [every * (i + 1) for i in range(size.dmd_snapshots)]  # the checkpoints train() saved
     name = lambda step: "student.safetensors" if step == size.dmd_steps else f"student_step{step}.safetensors"
     return {step: export(out / "student_run", out / name(step), raw=size.student_weights == "raw", step=step)
             for step in steps}
