@@ -16,6 +16,12 @@ class Batch:
     neg_text_audio: torch.Tensor   # [B, text_len, D] audio negative prompt
     image_latent: torch.Tensor | None = None  # [B, 48, 1, h, w]: image-to-video condition, None for t2v
     keys: tuple[str, ...] = ()
+    # A teacher pair (distill/pairs.py): the starting noise of the student's rollout and the
+    # guided teacher's 50-step sample from that noise, the target of dmd.regression_weight.
+    noise_video: torch.Tensor | None = None   # [B, 48, F, h, w]
+    noise_audio: torch.Tensor | None = None   # [B, L, 20]
+    target_video: torch.Tensor | None = None  # [B, 48, F, h, w]
+    target_audio: torch.Tensor | None = None  # [B, L, 20]
 
     @property
     def i2v(self) -> bool:
@@ -25,8 +31,12 @@ class Batch:
     def size(self) -> int:
         return self.video.shape[0]
 
+    @property
+    def has_pair(self) -> bool:
+        return self.target_video is not None
+
     def to(self, device, dtype: torch.dtype | None = None) -> "Batch":
         move = lambda x: None if x is None else x.to(device=device, dtype=dtype or x.dtype, non_blocking=True)
-        return replace(self, video=move(self.video), audio=move(self.audio), text=move(self.text),
-                       neg_text_video=move(self.neg_text_video), neg_text_audio=move(self.neg_text_audio),
-                       image_latent=move(self.image_latent))
+        tensors = ("video", "audio", "text", "neg_text_video", "neg_text_audio", "image_latent",
+                   "noise_video", "noise_audio", "target_video", "target_audio")
+        return replace(self, **{name: move(getattr(self, name)) for name in tensors})

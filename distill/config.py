@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 
 from distill.dmd import DMDConfig
+from distill.schedules import LRSchedule
 
 
 class ConfigError(ValueError):
@@ -48,6 +49,7 @@ class OptimConfig:
     lr_scale_video: float = 1.0
     lr_scale_audio: float = 1.0
     lr_scale_fusion: float = 1.0
+    schedule: LRSchedule = field(default_factory=LRSchedule)  # distill/schedules.py; logged as lr/<engine>
 
 
 @dataclass
@@ -63,6 +65,7 @@ class DataSettings:
     i2v_ratio: float = 0.5
     shuffle_buffer: int = 16
     seed: int = 0
+    pairs: str | None = None       # teacher pairs (distill/pairs.py) for dmd.regression_weight
 
 
 @dataclass

@@ -40,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import json
 import logging
 import random
 from collections.abc import Iterator
@@ -241,6 +242,28 @@ def normalise_video(video: torch.Tensor, info: DatasetInfo, dtype: torch.dtype) 
     return ((video.float() - mean) / std).to(dtype)
 
 
+PAIR = "pair"  # SampleMeta.extra key of a teacher pair (distill/pairs.py): noise seed, mode, sampler settings
+
+
+def pair_noise(seed: int, video_shape: tuple[int, ...], audio_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A pair's starting noise, float32, drawn on the CPU from its seed (the same on every machine)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(video_shape, generator=g), torch.randn(audio_shape, generator=g)
+
+
+def _pair_tensors(samples: list[Sample], video: torch.Tensor, audio: torch.Tensor) -> dict[str, torch.Tensor]:
+    """For teacher pairs: the starting noises and the teacher's samples (the batch's own latents)."""
+    if not any(PAIR in s.meta.extra for s in samples):
+        return {}
+    missing = [s.key for s in samples if PAIR not in s.meta.extra]
+    if missing:
+        raise DataError(f"sample {missing[0]!r} has no '{PAIR}' entry in its json, beside teacher pairs in one batch")
+    noise = [pair_noise(s.meta.extra[PAIR]["noise_seed"], tuple(s.video_latent.shape), tuple(s.audio_latent.shape))
+             for s in samples]
+    return {"noise_video": torch.stack([v for v, _ in noise]), "noise_audio": torch.stack([a for _, a in noise]),
+            "target_video": video, "target_audio": audio}
+
+
 def collate(samples: list[Sample], i2v: bool, negatives: tuple[torch.Tensor, torch.Tensor], text_len: int,
             info: DatasetInfo, dtype: torch.dtype) -> Batch:
     neg_video, neg_audio = negatives
@@ -248,16 +271,18 @@ def collate(samples: list[Sample], i2v: bool, negatives: tuple[torch.Tensor, tor
         if s.text_emb.shape[1] != neg_video.shape[1]:
             raise DataError(f"sample {s.key!r}: text width {s.text_emb.shape[1]} != the negatives' {neg_video.shape[1]}")
     video = normalise_video(torch.stack([s.video_latent for s in samples]), info, dtype)
+    audio = torch.stack([s.audio_latent for s in samples]).to(dtype)
     size = len(samples)
     return Batch(
         video=video,
-        audio=torch.stack([s.audio_latent for s in samples]).to(dtype),
+        audio=audio,
         text=torch.stack([pad_text(s.text_emb, text_len, f"sample {s.key!r}") for s in samples]).to(dtype),
         neg_text_video=neg_video.expand(size, -1, -1),
         neg_text_audio=neg_audio.expand(size, -1, -1),
         # The causal VAE makes latent frame 0 depend on pixel frame 0 alone: it IS the i2v condition.
         image_latent=video[:, :, :1].clone() if i2v else None,
         keys=tuple(s.key for s in samples),
+        **_pair_tensors(samples, video, audio),
     )
 
 
@@ -470,8 +495,53 @@ def check_dataset(root: str | Path, variant: str) -> Dataset:
     return dataset
 
 
-def build_loader(root: str | Path, cfg: TrainConfig, rank: int, world_size: int) -> ShardBatches:
+def build_loader(root: str | Path, cfg: TrainConfig, rank: int, world_size: int, i2v_ratio: float | None = None
+                 ) -> ShardBatches:
     data = cfg.data
     config = DataConfig(str(root), batch_size=data.batch_size, text_len=get_variant(cfg.model.variant).text_len,
-                        seed=data.seed, i2v_ratio=data.i2v_ratio, shuffle_buffer=data.shuffle_buffer)
+                        seed=data.seed, i2v_ratio=data.i2v_ratio if i2v_ratio is None else i2v_ratio,
+                        shuffle_buffer=data.shuffle_buffer)
     return ShardBatches(config, rank, world_size)
+
+
+PAIR_MODES = ("t2v", "i2v")  # distill/pairs.py writes each mode to its own dataset directory
+
+
+def check_pairs(root: str | Path, cfg: TrainConfig) -> dict[str, Dataset]:
+    """The pairs directory fits the recipe: each mode a dataset of the model's variant, made with
+    the guidance this run's DMD uses (else the regression pulls towards another teacher)."""
+    root = Path(root)
+    found = {mode: check_dataset(root / mode, cfg.model.variant) for mode in PAIR_MODES if (root / mode).is_dir()}
+    if not found:
+        raise DataError(f"{root}: no t2v/ or i2v/ pairs inside; write them with distill/pairs.py")
+    wanted = {"cfg_video": cfg.dmd.cfg_video, "cfg_audio": cfg.dmd.cfg_audio, "slg_block": cfg.dmd.slg_block}
+    for mode, dataset in found.items():
+        made = json.loads(dataset.info.encoders.get(PAIR, "{}"))
+        for name, value in wanted.items():
+            if made.get(name) != value:
+                raise DataError(f"{dataset.root / DATASET_JSON}: pairs made with {name}={made.get(name)!r}, "
+                                f"but this run's dmd.{name} is {value!r}")
+    return found
+
+
+class PairBatches:
+    """The generator's batches under dmd.regression_weight: a batch of teacher pairs of the mode the
+    data stream drew (t2v or i2v: the draw is the same on every rank); a mode without pairs keeps
+    the data batch (and its step has no regression term)."""
+
+    def __init__(self, root: str | Path, cfg: TrainConfig, rank: int, world_size: int):
+        self.streams = {mode: build_loader(Path(root) / mode, cfg, rank, world_size, i2v_ratio=float(mode == "i2v"))
+                        for mode in PAIR_MODES if (Path(root) / mode).is_dir()}
+
+    def __call__(self, batch: Batch) -> Batch:
+        stream = self.streams.get("i2v" if batch.i2v else "t2v")
+        return batch if stream is None else next(stream)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {mode: stream.state_dict() for mode, stream in self.streams.items()}
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        if set(saved) != set(self.streams):
+            raise DataError(f"the checkpoint's pair streams {sorted(saved)} differ from this run's {sorted(self.streams)}")
+        for mode, stream in self.streams.items():
+            stream.load_state_dict(saved[mode])

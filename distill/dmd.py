@@ -57,6 +57,10 @@ class DMDConfig:
     critic_ratio: int = 5  # critic updates per generator update
     flow_shift: float | None = None  # σ sampler shift for flow_loss; None: `shift`; 1.0: uniform
     renoise: str = "fresh"  # between student steps: fresh noise (SDE, Self-Forcing) or the implied one (ODE)
+    # Teacher-pair regression beside the DMD loss (DMD v1's regression term; CausVid's ODE loss): the
+    # student's x0 from a pair's noise is pulled towards the guided teacher's 50-step sample from that
+    # noise. Needs renoise="implied" (a deterministic student, whose every step aims at that sample).
+    regression_weight: float = 0.0
     stack_teacher_passes: bool = True  # the teacher's conditional and negative passes as one forward at 2B
 
     def __post_init__(self) -> None:
@@ -92,6 +96,11 @@ class DMDConfig:
             raise ValueError(f"flow_shift must be None or > 0, got {self.flow_shift}")
         if self.renoise not in RENOISE_MODES:
             raise ValueError(f"renoise must be one of {RENOISE_MODES}, got {self.renoise!r}")
+        if not (math.isfinite(self.regression_weight) and self.regression_weight >= 0):
+            raise ValueError(f"regression_weight must be a finite number >= 0, got {self.regression_weight}")
+        if self.regression_weight > 0 and self.renoise != "implied":
+            raise ValueError("regression_weight > 0 needs renoise='implied': with fresh noise between steps the "
+                             "student's sample from a pair's noise is random, and the pair's target is not its aim")
 
     @property
     def n_steps(self) -> int:
@@ -172,7 +181,10 @@ def rollout(
     if isinstance(exit_index, bool) or not isinstance(exit_index, int) or not 0 <= exit_index < cfg.n_steps:
         raise ValueError(f"exit_index must be an int in [0, {cfg.n_steps}), got {exit_index!r}")
     text, image, sigmas = batch.text, batch.image_latent, cfg.student_sigmas
-    x_video, x_audio = _noise_like(batch.video, rng), _noise_like(batch.audio, rng)
+    if batch.noise_video is not None:  # a teacher pair: start where the teacher's sample started
+        x_video, x_audio = batch.noise_video.to(LATENT_DTYPE), batch.noise_audio.to(LATENT_DTYPE)
+    else:
+        x_video, x_audio = _noise_like(batch.video, rng), _noise_like(batch.audio, rng)
     fresh = lambda x: _noise_like(x, rng)
     with torch.no_grad():
         for i in range(exit_index):
@@ -204,6 +216,11 @@ def dmd_loss(x0: Tensor, grad: Tensor) -> Tensor:
     x0 = x0.to(LOSS_DTYPE)
     target = (x0 - grad).detach()
     return 0.5 * (x0 - target).pow(2).mean()
+
+
+def regression_loss(x0: Tensor, target: Tensor) -> Tensor:
+    """mean((x̂0 − x0_teacher)²): the student's sample against the teacher's from the same noise."""
+    return (x0.to(LOSS_DTYPE) - target.to(LOSS_DTYPE)).pow(2).mean()
 
 
 def flow_matching_loss(v_pred: Tensor, noise: Tensor, x0: Tensor) -> Tensor:
@@ -275,7 +292,14 @@ def generator_loss(
         grad_audio, norm_audio = dmd_gradient(x0_audio.detach(), fake_audio, real_audio, cfg.norm_eps)
     loss_video = dmd_loss(_counted(x0_video, i2v), grad_video)
     loss_audio = dmd_loss(x0_audio, grad_audio)
-    metrics = {
+    loss = _weighted(cfg, loss_video, loss_audio)
+    metrics = {}
+    if cfg.regression_weight > 0 and batch.has_pair:
+        reg_video = regression_loss(_counted(x0_video, i2v), _counted(batch.target_video, i2v))
+        reg_audio = regression_loss(x0_audio, batch.target_audio)
+        loss = loss + cfg.regression_weight * _weighted(cfg, reg_video, reg_audio)
+        metrics = {"regression_video": reg_video.detach(), "regression_audio": reg_audio.detach()}
+    metrics.update({
         "loss_video": loss_video.detach(),
         "loss_audio": loss_audio.detach(),
         "normaliser_video": norm_video.mean(),
@@ -283,8 +307,8 @@ def generator_loss(
         "grad_norm_video": grad_video.norm(),
         "grad_norm_audio": grad_audio.norm(),
         "sigma": sigma.mean(),
-    }
-    return _weighted(cfg, loss_video, loss_audio), metrics
+    })
+    return loss, metrics
 
 
 def critic_loss(

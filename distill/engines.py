@@ -20,8 +20,10 @@ from .config import OptimConfig, TrainConfig
 from .models import OviFusion, init_weights, variant_config
 from .models.layers import FusedCrossAttention, SelfAttention, compile_elementwise_ops
 from .models.loading import load_ovi_checkpoint, load_ovi_checkpoint_zero3, load_state_zero3
+from .schedules import SCHEDULER_IN_DS_CONFIG
 
 FUSION_PARAM_MARKERS = ("k_fusion", "v_fusion", "pre_attn_norm_fusion", "norm_k_fusion")
+
 
 
 def engine_configs(ds_config: dict, cfg: TrainConfig) -> dict[str, dict]:
@@ -30,7 +32,9 @@ def engine_configs(ds_config: dict, cfg: TrainConfig) -> dict[str, dict]:
     zero = ds_config.get("zero_optimization", {})
     if zero.get("stage") != 3:
         raise ValueError(f"the DeepSpeed config must use zero_optimization.stage 3 (got {zero.get('stage')})")
-    base = {k: v for k, v in ds_config.items() if k not in ("optimizer", "scheduler", "gradient_clipping")}
+    if "scheduler" in ds_config:  # train.load_ds_config refuses it earlier; this guards other callers
+        raise ValueError(SCHEDULER_IN_DS_CONFIG)
+    base = {k: v for k, v in ds_config.items() if k not in ("optimizer", "gradient_clipping")}
     base["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
     base["gradient_accumulation_steps"] = 1
     base.pop("train_batch_size", None)
@@ -46,6 +50,12 @@ def engine_configs(ds_config: dict, cfg: TrainConfig) -> dict[str, dict]:
     return {"generator": trained(cfg.generator_optim), "fake_score": trained(cfg.critic_optim), "teacher": copy.deepcopy(base)}
 
 
+def peak_lrs(optim: OptimConfig) -> dict[str, float]:
+    """The peak learning rate of each parameter group (the schedule multiplies these)."""
+    return {"video": optim.lr * optim.lr_scale_video, "audio": optim.lr * optim.lr_scale_audio,
+            "fusion": optim.lr * optim.lr_scale_fusion}
+
+
 def param_groups(model: torch.nn.Module, optim: OptimConfig) -> list[dict]:
     """Video tower, audio tower and fusion parameters as separate groups with their own lr."""
     groups = {"video": [], "audio": [], "fusion": []}
@@ -54,8 +64,16 @@ def param_groups(model: torch.nn.Module, optim: OptimConfig) -> list[dict]:
             continue
         part = "fusion" if any(m in name for m in FUSION_PARAM_MARKERS) else name.split("_model.")[0]
         groups[part].append(p)
-    scale = {"video": optim.lr_scale_video, "audio": optim.lr_scale_audio, "fusion": optim.lr_scale_fusion}
-    return [{"params": ps, "lr": optim.lr * scale[part], "name": part} for part, ps in groups.items() if ps]
+    peak = peak_lrs(optim)
+    return [{"params": ps, "lr": peak[part], "name": part} for part, ps in groups.items() if ps]
+
+
+def set_learning_rates(optimizer, optim: OptimConfig, factor: float) -> None:
+    """Every group at its peak lr times the schedule's factor (an optimizer's or a DeepSpeed engine's
+    `.optimizer`: ZeRO-3 keeps the groups, their names included, on the wrapped torch optimizer)."""
+    peak = peak_lrs(optim)
+    for group in optimizer.param_groups:
+        group["lr"] = peak[group["name"]] * factor
 
 
 # ZeRO-3 fetch units: each attention module and each block's MLP is gathered in one piece instead

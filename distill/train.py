@@ -29,6 +29,7 @@ import torch.distributed as dist
 from distill import checkpoint, dmd
 from distill.config import ConfigError, TrainConfig, load_config, to_dict
 from distill.metrics import MetricsLog
+from distill.schedules import SCHEDULER_IN_DS_CONFIG, lr_factor
 
 EXIT_PREEMPTED = 0
 
@@ -56,6 +57,8 @@ def load_ds_config(path: str) -> dict:
         raise ConfigError(f"{path}: not valid JSON ({err})") from None
     if cfg.get("zero_optimization", {}).get("stage") != 3:
         raise ConfigError(f"{path}: zero_optimization.stage must be 3")
+    if "scheduler" in cfg:
+        raise ConfigError(f"{path}: {SCHEDULER_IN_DS_CONFIG}")
     return cfg
 
 
@@ -69,8 +72,14 @@ def prepare(args) -> tuple[TrainConfig, dict]:
         overrides.append(f"save_every={args.save_every}")
     cfg = load_config(args.config, overrides)
     ds_config = load_ds_config(args.deepspeed)
-    from distill.data import check_dataset
+    from distill.data import check_dataset, check_pairs
     check_dataset(args.data, cfg.model.variant)
+    if cfg.objective == "dmd" and (cfg.dmd.regression_weight > 0) != (cfg.data.pairs is not None):
+        raise ConfigError("config fields dmd.regression_weight and data.pairs go together: the regression term needs "
+                          "teacher pairs (write them with distill/pairs.py, then data.pairs=DIR), and pairs need a weight "
+                          f"(got dmd.regression_weight={cfg.dmd.regression_weight}, data.pairs={cfg.data.pairs!r})")
+    if cfg.objective == "dmd" and cfg.data.pairs is not None:
+        check_pairs(cfg.data.pairs, cfg)
     return cfg, ds_config
 
 
@@ -113,8 +122,9 @@ def update(engine, loss) -> bool:
     return True
 
 
-def train_step(step: int, engines, batches, dmd_cfg, rngs, device, cfg: TrainConfig) -> tuple[dict, bool]:
-    """One step; returns (metrics as tensors/numbers, every update finite)."""
+def train_step(step: int, engines, batches, pairs, dmd_cfg, rngs, device, cfg: TrainConfig) -> tuple[dict, bool]:
+    """One step; returns (metrics as tensors/numbers, every update finite). `pairs` (or None) turns
+    the generator's data batch into a batch of teacher pairs of the same mode."""
     metrics, ok = {}, True
     n_steps = dmd_cfg.n_steps
     if cfg.objective == "flow":
@@ -124,8 +134,9 @@ def train_step(step: int, engines, batches, dmd_cfg, rngs, device, cfg: TrainCon
     passes = 0
     if dmd.is_generator_step(step, dmd_cfg):
         exit_index = broadcast_exit_index(rngs["exit"], n_steps, device)
+        batch = next(batches) if pairs is None else pairs(next(batches))
         loss, m = dmd.generator_loss(engines.generator, engines.fake_score, engines.teacher,
-                                     next(batches).to(device), exit_index, dmd_cfg, rngs["noise"])
+                                     batch.to(device), exit_index, dmd_cfg, rngs["noise"])
         ok = update(engines.generator, loss)
         metrics.update({f"generator/{k}": v for k, v in m.items()})
         metrics["generator/grad_norm"] = engines.generator.get_global_grad_norm()
@@ -137,6 +148,20 @@ def train_step(step: int, engines, batches, dmd_cfg, rngs, device, cfg: TrainCon
     metrics["critic/grad_norm"] = engines.fake_score.get_global_grad_norm()
     metrics["forward_passes"] = passes + exit_index + 1 + 1
     return metrics, ok
+
+
+def schedule_learning_rates(step: int, engines, cfg: TrainConfig) -> dict[str, float]:
+    """Both optimizers at their schedule's point for this step; {"generator": lr, "critic": lr} (the
+    recipe's lr times the factor; per-tower groups keep their scales) for the log."""
+    from distill.engines import set_learning_rates
+    lr = {}
+    for name, engine, optim in (("generator", engines.generator, cfg.generator_optim),
+                                ("critic", engines.fake_score, cfg.critic_optim)):
+        if engine is not None:
+            factor = lr_factor(optim.schedule, step, cfg.max_steps)
+            set_learning_rates(engine.optimizer, optim, factor)
+            lr[name] = optim.lr * factor
+    return lr
 
 
 def scalars(metrics: dict) -> dict:
@@ -159,7 +184,7 @@ def main(argv=None) -> int:
     import deepspeed
     from tqdm import tqdm
 
-    from distill.data import build_loader
+    from distill.data import PairBatches, build_loader
     from distill.engines import build_engines
 
     backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -175,6 +200,7 @@ def main(argv=None) -> int:
     engines = build_engines(cfg, ds_config)
     dmd_cfg = cfg.dmd
     batches = build_loader(args.data, cfg, rank, world)
+    pairs = PairBatches(cfg.data.pairs, cfg, rank, world) if cfg.objective == "dmd" and cfg.data.pairs else None
     rngs = {"noise": torch.Generator(device=device).manual_seed(cfg.seed * 100_003 + rank),
             "exit": torch.Generator().manual_seed(cfg.seed)}
     state = {"step": 0, "generator_updates": 0, "skipped_nonfinite": 0}
@@ -183,6 +209,8 @@ def main(argv=None) -> int:
         state = {k: trainer_state[k] for k in state}
         checkpoint.set_rng_state(rank_state["rng"], rngs)
         batches.load_state_dict(rank_state["data"])
+        if pairs is not None:
+            pairs.load_state_dict(rank_state["pairs"])
         if rank == 0:
             print(f"resumed from {path} at step {state['step']}", flush=True)
 
@@ -192,7 +220,8 @@ def main(argv=None) -> int:
     bar = tqdm(total=cfg.max_steps, initial=state["step"], disable=rank != 0, desc=cfg.objective, dynamic_ncols=True)
 
     def save():
-        rank_state = {"rng": checkpoint.rng_state(rngs), "data": batches.state_dict()}
+        rank_state = {"rng": checkpoint.rng_state(rngs), "data": batches.state_dict(),
+                      **({"pairs": pairs.state_dict()} if pairs is not None else {})}
         trainer_state = {**state, "config": to_dict(cfg), "world_size": world}
         return checkpoint.save(out, state["step"], engines, trainer_state, rank_state, cfg.keep_checkpoints)
 
@@ -201,7 +230,8 @@ def main(argv=None) -> int:
         step = state["step"]
         t0 = time.perf_counter()
         generator_step = cfg.objective == "dmd" and dmd.is_generator_step(step, dmd_cfg)
-        metrics, ok = train_step(step, engines, batches, dmd_cfg, rngs, device, cfg)
+        lr = schedule_learning_rates(step, engines, cfg)
+        metrics, ok = train_step(step, engines, batches, pairs, dmd_cfg, rngs, device, cfg)
         if ok:
             nonfinite_in_a_row = 0
             if generator_step or cfg.objective == "flow":
@@ -220,12 +250,10 @@ def main(argv=None) -> int:
         if rank == 0 and (step % cfg.log.every == 0 or step + 1 == cfg.max_steps):
             values = scalars(metrics)
             values.update({"step_time_s": seconds, "samples_per_s": cfg.data.batch_size * world / seconds,
-                           "lr/generator": engines.generator.get_lr()[0],
+                           **{f"lr/{name}": value for name, value in lr.items()},
                            "skipped_nonfinite": state["skipped_nonfinite"], "finite": ok,
                            "data/corrupt_samples": batches.counters.corrupt_samples,
                            "data/shard_errors": batches.counters.shard_errors})
-            if engines.fake_score is not None:
-                values["lr/critic"] = engines.fake_score.get_lr()[0]
             log.log(step, values)
             bar.set_postfix({k: f"{v:.3g}" for k, v in values.items() if k.endswith("loss") and math.isfinite(v)})
         bar.update(1)

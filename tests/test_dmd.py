@@ -1,6 +1,6 @@
 """DMD losses on the real tiny OviFusion: forward-pass counts (perf_eval.md §3.3), which model gets
 gradients, the teacher's CFG/SLG call, i2v frame 0, determinism, the flow objective, config checks."""
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
@@ -365,6 +365,52 @@ def test_rollout_with_implied_renoise_is_deterministic_ddim():
         torch.testing.assert_close(audio, sigma * inputs[0][0][1], rtol=0, atol=1e-6)
     # the rng only draws the starting noise: same draws give the same walk, fresh ones differ
     assert not torch.allclose(inputs[0][0][0], inputs[1][0][0])
+
+
+def paired(batch: Batch, seed: int = 5, target_shift: float = 0.0) -> Batch:
+    """A teacher-pair batch: its own noise, and targets `target_shift` above the batch's latents."""
+    g = torch.Generator().manual_seed(seed)
+    return replace(batch, noise_video=torch.randn(batch.video.shape, generator=g),
+                   noise_audio=torch.randn(batch.audio.shape, generator=g),
+                   target_video=batch.video + target_shift, target_audio=batch.audio + target_shift)
+
+
+def test_rollout_starts_from_a_pairs_noise_whatever_the_rng():
+    batch = paired(make_batch(False))
+    for seed in (1, 2):
+        model = ZeroX0()
+        rollout(model, batch, 3, DMDConfig(renoise="implied"), rng(seed), with_grad=False)
+        torch.testing.assert_close(model.inputs[0][0], batch.noise_video, rtol=0, atol=0)
+        torch.testing.assert_close(model.inputs[2][1], STUDENT_SIGMAS[2] * batch.noise_audio, rtol=0, atol=1e-6)
+
+
+def test_regression_term_adds_the_weighted_mse_to_the_teacher_sample(models):
+    """generator_loss = DMD + w·(video_weight·mse_video + audio_weight·mse_audio) against the pair's target;
+    its gradient pulls the student's x0 towards the target (the DMD part is the same either way)."""
+    G, Fk, R = models
+    cfg = DMDConfig(slg_block=1, renoise="implied", regression_weight=0.5, audio_weight=2.0)
+    batch = paired(make_batch(False))
+    x0_video, x0_audio = rollout(G, batch, 2, cfg, rng(), with_grad=False)
+    at_target = replace(batch, target_video=x0_video, target_audio=x0_audio)
+    base, m0 = generator_loss(G, Fk, R, at_target, 2, cfg, rng())
+    assert float(m0["regression_video"]) == pytest.approx(0.0, abs=1e-12)
+    off = replace(batch, target_video=x0_video + 1.0, target_audio=x0_audio - 2.0)
+    loss, m = generator_loss(G, Fk, R, off, 2, cfg, rng())
+    assert float(m["regression_video"]) == pytest.approx(1.0) and float(m["regression_audio"]) == pytest.approx(4.0)
+    assert float((loss - base).detach()) == pytest.approx(0.5 * (1.0 + 2.0 * 4.0), rel=1e-6)
+    without = generator_loss(G, Fk, R, off, 2, replace(cfg, regression_weight=0.0), rng())[0]
+    assert float(without.detach()) == pytest.approx(float(base.detach()), rel=1e-9)
+    # d(loss)/d(x0) of the regression part points from the target to x0: a step against it moves x0 to the target
+    G.zero_grad()
+    generator_loss(G, Fk, R, off, 2, replace(cfg, video_weight=0.0, audio_weight=1.0), rng())[0].backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in G.parameters())
+
+
+def test_regression_needs_the_deterministic_student_sampler():
+    with pytest.raises(ValueError, match="renoise='implied'"):
+        DMDConfig(regression_weight=1.0, renoise="fresh")
+    with pytest.raises(ValueError, match="regression_weight"):
+        DMDConfig(regression_weight=-1.0, renoise="implied")
 
 
 @pytest.mark.parametrize("i2v", [False, True], ids=["t2v", "i2v"])

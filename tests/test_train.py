@@ -33,7 +33,8 @@ def losses(run) -> dict[int, dict]:
     rows = {}
     for line in (run / "metrics.jsonl").read_text().splitlines():
         row = json.loads(line)
-        rows[row["step"]] = {k: v for k, v in row.items() if "loss" in k or "sigma" in k or "grad_norm" in k}
+        rows[row["step"]] = {k: v for k, v in row.items()
+                             if "loss" in k or "sigma" in k or "grad_norm" in k or k.startswith("lr/")}
     return rows
 
 
@@ -66,15 +67,26 @@ def test_engines_gradients_counts_ema_teacher_export_flow(dataset, tmp_path):
     assert r0["export_vs_generator_max_diff"] == 0.0
 
 
+# warmup then cosine for the generator, linear to a floor for the critic: resume must land at the
+# same point of both schedules (they are functions of the step, which the checkpoint holds)
+SCHEDULES = ("generator_optim.schedule.warmup_steps=2", "generator_optim.schedule.decay=cosine",
+             "generator_optim.schedule.decay_steps=3", "generator_optim.schedule.min_ratio=0.1",
+             "critic_optim.schedule.decay=linear", "critic_optim.schedule.decay_steps=5",
+             "critic_optim.schedule.min_ratio=0.5")
+
+
 def test_resume_is_bit_identical_and_export_loads(dataset, tmp_path):
     whole, split = tmp_path / "whole", tmp_path / "split"
-    train(dataset, whole, "--max-steps", "6")
-    train(dataset, split, "--max-steps", "3")
-    train(dataset, split, "--max-steps", "6", "--resume")
+    train(dataset, whole, "--max-steps", "6", *SCHEDULES)
+    train(dataset, split, "--max-steps", "3", *SCHEDULES)
+    train(dataset, split, "--max-steps", "6", "--resume", *SCHEDULES)
     a, b = losses(whole), losses(split)
     assert sorted(a) == list(range(6)) and all(a[s] for s in a)
     for step in range(3, 6):
         assert a[step] == b[step], f"step {step} differs after resume"
+    # the logged rates are the schedules' values (tiny.yaml: both peaks 1e-4)
+    assert [round(a[s]["lr/generator"] / 1e-4, 6) for s in range(6)] == [0.5, 1.0, 1.0, 0.775, 0.325, 0.1]
+    assert [round(a[s]["lr/critic"] / 1e-4, 6) for s in range(6)] == [1.0, 0.9, 0.8, 0.7, 0.6, 0.5]
     checkpoints = sorted(p.name for p in (whole / "checkpoints").glob("step-*"))
     assert checkpoints == ["step-000003", "step-000006"]
     assert (whole / "checkpoints" / "latest").read_text() == "step-000006"
@@ -96,6 +108,17 @@ def test_bad_config_stops_before_any_work(dataset, tmp_path, extra, needle):
                            "distill/configs/tiny.yaml", "--data", str(dataset), "--out", str(tmp_path / "run"), *extra],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and needle in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
+
+
+def test_scheduler_in_the_deepspeed_config_is_refused_before_any_work(dataset, tmp_path):
+    ds = json.loads((REPO / "ds_configs" / "zero3_cpu.json").read_text())
+    ds["scheduler"] = {"type": "WarmupLR", "params": {"warmup_num_steps": 10}}
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    proc = subprocess.run([sys.executable, str(TRAIN), "--deepspeed", str(tmp_path / "ds.json"), "--config",
+                           "distill/configs/tiny.yaml", "--data", str(dataset), "--out", str(tmp_path / "run")],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "'scheduler' section" in proc.stderr and "generator_optim.schedule" in proc.stderr
     assert not (tmp_path / "run").exists()
 
 
