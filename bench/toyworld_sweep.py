@@ -1,0 +1,202 @@
+"""The toy world over seeds and guidance scales, several runs per GPU at once, in one table:
+
+    python bench/toyworld_sweep.py --size gpu --seeds 11 12 13 --cfgs 1 2 3 --parallel 9 --out /tmp/sweep \\
+        [--drift-factor 2] [--set FIELD=VALUE ...]
+
+One teacher per seed (bench/toyworld.py --teacher-only), then one DMD run per (seed, CFG) from that
+teacher (--teacher), each a bench/toyworld.py process; at most --parallel at a time, spread over the
+visible GPUs. The guidance scale changes DMD's teacher and the samplers', not the teacher's training,
+so the seeds' teachers are shared by every CFG. With --drift-factor 2 each run trains twice the
+recipe's DMD steps and the table shows whether the student holds.
+
+Per CFG it prints each seed and the issue-16 bar over the seeds (`verdict`): without guidance, the
+mean student FD to the truth <= 1.1x teacher@50's (worst seed <= 1.25x), below teacher@4 on every
+seed and <= 0.8x it in the mean; with guidance, the FD to teacher@50's samples <= 0.5x teacher@4's
+in the mean and below it on every seed, and the FD to the truth <= 1.1x teacher@50's in the mean;
+in every setting each run's own `criteria` (modes, A/V onset, diversity, drift). Writes
+OUT/sweep.json and OUT/sweep.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+TOYWORLD = REPO / "bench" / "toyworld.py"
+
+
+def run_all(jobs: list[tuple[list[str], Path]], parallel: int, gpus: list[str]) -> list[int]:
+    """Run `toyworld.py ARGS` for every job (args, log), at most `parallel` at a time; returns the exit codes."""
+    pending, running, codes = list(enumerate(jobs)), {}, [None] * len(jobs)
+    while pending or running:
+        while pending and len(running) < parallel:
+            i, (args, log) = pending.pop(0)
+            env = dict(os.environ)
+            if gpus:
+                env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
+            log.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(log, "w")
+            running[i] = (subprocess.Popen([sys.executable, str(TOYWORLD), *args], cwd=REPO, env=env, stdout=handle,
+                                           stderr=subprocess.STDOUT), handle)
+        for i, (proc, handle) in list(running.items()):
+            if proc.poll() is not None:
+                handle.close()
+                codes[i] = proc.returncode
+                del running[i]
+        time.sleep(2)
+    return codes
+
+
+def visible_gpus() -> list[str]:
+    import torch
+    if not torch.cuda.is_available():
+        return []
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return listed.split(",") if listed else [str(i) for i in range(torch.cuda.device_count())]
+
+
+def run_dir(out: Path, seed: int, cfg: float) -> Path:
+    return out / f"seed{seed}_cfg{cfg:g}"
+
+
+def teacher_file(out: Path, seed: int) -> Path:
+    return out / f"seed{seed}_teacher" / "teacher.safetensors"
+
+
+def train_teachers(size: str, seeds: list[int], out: Path, parallel: int, sets: list[str]) -> float:
+    """One teacher per seed (a teacher already in OUT is kept); returns the seconds it took."""
+    gpus = visible_gpus()
+    todo = [s for s in seeds if not teacher_file(out, s).is_file()]
+    jobs = [(["--seed", str(s), "--teacher-only", "--out", str(out / f"seed{s}_teacher"), "--size", size, "--set", *sets],
+             out / f"seed{s}_teacher.log") for s in todo]
+    t0 = time.time()
+    codes = run_all(jobs, parallel, gpus)
+    failed = [todo[i] for i, code in enumerate(codes) if code != 0]
+    if failed:
+        raise SystemExit(f"teacher training failed for seed(s) {failed}: see {out}/seed*_teacher.log")
+    return time.time() - t0
+
+
+def sweep(size: str, seeds: list[int], cfgs: list[float], out: Path, parallel: int, sets: list[str],
+          drift_factor: int) -> dict:
+    gpus = visible_gpus()
+    common = ["--size", size, "--set", f"drift_factor={drift_factor}", *sets]  # --set takes the rest
+    t0 = time.time()
+    teacher_s = train_teachers(size, seeds, out, parallel, sets)
+    runs = [(s, c) for c in cfgs for s in seeds]
+    jobs = [(["--seed", str(s), "--teacher", str(teacher_file(out, s)),
+              "--out", str(run_dir(out, s, c)), *common, f"cfg={c}"],
+             run_dir(out, s, c).with_suffix(".log")) for s, c in runs]
+    codes = run_all(jobs, parallel, gpus)
+    reports = {}
+    for (s, c), code in zip(runs, codes):
+        path = run_dir(out, s, c) / "results.json"
+        reports[(s, c)] = json.loads(path.read_text()) if code == 0 and path.is_file() else None
+    summary = summarise(reports, seeds, cfgs)
+    summary["timings"] = {"teachers_s": teacher_s, "dmd_s": time.time() - t0 - teacher_s, "parallel": parallel,
+                          "gpus": gpus}
+    return summary
+
+
+def _ratio_of_means(a: list[float], b: list[float]) -> float:
+    return float(np.mean(a) / np.mean(b))
+
+
+def summarise(reports: dict, seeds: list[int], cfgs: list[float]) -> dict:
+    """Per CFG: one row per seed and the bar over the seeds (see the module docstring)."""
+    from bench.toyworld import REFERENCE, target_key
+    out = {"settings": {}}
+    for c in cfgs:
+        rows, missing = [], []
+        for s in seeds:
+            report = reports.get((s, c))
+            if report is None:
+                missing.append(s)
+                continue
+            r = report["results"]
+            snapshots = {name: v[target_key(c)] for name, v in r.items() if name.startswith("student@4")}
+            rows.append({"seed": s, "teacher@50": r[REFERENCE]["fd_mean"], "teacher@4": r["teacher@4"]["fd_mean"],
+                         "student": r["student@4"]["fd_mean"],
+                         "teacher@4 to t50": r["teacher@4"]["fd_ref_mean"], "student to t50": r["student@4"]["fd_ref_mean"],
+                         "t50 floor": r["teacher@50 (2nd draw)"]["fd_ref_mean"],
+                         "undistilled to t50": r["undistilled@4"]["fd_ref_mean"],
+                         "snapshots": snapshots, "run_criteria_ok": all(v["ok"] for v in report["criteria"].values()),
+                         "failed_criteria": [k for k, v in report["criteria"].items() if not v["ok"]]})
+        out["settings"][f"{c:g}"] = {"rows": rows, "missing_seeds": missing, "verdict": verdict(rows, c) if rows else {}}
+    return out
+
+
+def verdict(rows: list[dict], cfg: float) -> dict[str, dict]:
+    col = lambda key: [row[key] for row in rows]
+    checks = {}
+    if cfg == 1:
+        checks["mean FD: student / teacher@50 <= 1.1"] = (_ratio_of_means(col("student"), col("teacher@50")), 1.1)
+        checks["worst seed FD: student / teacher@50 <= 1.25"] = (max(r["student"] / r["teacher@50"] for r in rows), 1.25)
+        checks["mean FD: student / teacher@4 <= 0.8"] = (_ratio_of_means(col("student"), col("teacher@4")), 0.8)
+        checks["worst seed FD: student / teacher@4 < 1"] = (max(r["student"] / r["teacher@4"] for r in rows), 1.0)
+    else:
+        checks["mean FD to t50: student / teacher@4 <= 0.5"] = (_ratio_of_means(col("student to t50"),
+                                                                               col("teacher@4 to t50")), 0.5)
+        checks["worst seed FD to t50: student / teacher@4 < 1"] = (max(r["student to t50"] / r["teacher@4 to t50"]
+                                                                       for r in rows), 1.0)
+        checks["mean FD to truth: student / teacher@50 <= 1.1"] = (_ratio_of_means(col("student"), col("teacher@50")), 1.1)
+    checks["every run's own criteria (modes, onset, diversity, drift)"] = (float(sum(not r["run_criteria_ok"] for r in rows)), 0.0)
+    strict = lambda name: name.endswith("< 1")
+    return {name: {"value": v, "bound": b, "ok": bool(v < b if strict(name) else v <= b)} for name, (v, b) in checks.items()}
+
+
+def markdown(summary: dict) -> str:
+    lines = []
+    for c, setting in summary["settings"].items():
+        lines += [f"### CFG {c}{' (no guidance: judged against the truth)' if c == '1' else ' + SLG (judged against teacher@50)'}",
+                  "", "| seed | teacher@50 | teacher@4 | student | t@4 → t50 | student → t50 | t50 floor | student along DMD | own criteria |",
+                  "|---|---:|---:|---:|---:|---:|---:|---|---|"]
+        for row in setting["rows"]:
+            along = " / ".join(f"{v:.3f}" for v in row["snapshots"].values())
+            own = "pass" if row["run_criteria_ok"] else "fail: " + ", ".join(row["failed_criteria"])
+            lines.append(f"| {row['seed']} | {row['teacher@50']:.3f} | {row['teacher@4']:.3f} | {row['student']:.3f} | "
+                         f"{row['teacher@4 to t50']:.3f} | {row['student to t50']:.3f} | {row['t50 floor']:.3f} | {along} | {own} |")
+        if setting["missing_seeds"]:
+            lines.append(f"\nruns that failed (no results): seeds {setting['missing_seeds']}")
+        lines.append("")
+        for name, check in setting["verdict"].items():
+            lines.append(f"- {'PASS' if check['ok'] else 'FAIL'} {name}: {check['value']:.3f}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="gpu")
+    parser.add_argument("--seeds", type=int, nargs="+", required=True)
+    parser.add_argument("--cfgs", type=float, nargs="+", default=[1.0, 2.0, 3.0])
+    parser.add_argument("--parallel", type=int, default=3, help="runs at a time (spread over the visible GPUs)")
+    parser.add_argument("--drift-factor", type=int, default=2, help="train this many times the recipe's DMD steps")
+    parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--teachers-only", action="store_true",
+                        help="train the seeds' teachers and stop (a later sweep into OUT reuses them)")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.teachers_only:
+        seconds = train_teachers(args.size, args.seeds, args.out, args.parallel, args.set)
+        print(f"teachers of seeds {args.seeds} in {args.out} ({seconds:.0f} s)")
+        return 0
+    summary = sweep(args.size, args.seeds, args.cfgs, args.out, args.parallel, args.set, args.drift_factor)
+    table = markdown(summary)
+    (args.out / "sweep.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (args.out / "sweep.md").write_text(table + "\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    sys.exit(main())
