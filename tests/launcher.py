@@ -22,3 +22,9 @@ def run_deepspeed(script: Path, *args: str, nproc: int = 2, timeout: int = 600, 
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode})\n--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-6000:]}")
     return proc
+
+
+def train_tiny(data: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    """distill/train.py with the tiny recipe on 2 CPU ranks, a checkpoint every 3 steps."""
+    return run_deepspeed(REPO / "distill" / "train.py", "--deepspeed", "ds_configs/zero3_cpu.json", "--config",
+                         "distill/configs/tiny.yaml", "--data", str(data), "--out", str(out), "--save-every", "3", *extra)
