@@ -234,3 +234,14 @@ def test_a_reference_for_other_prompts_asks_for_make_reference(evaluated, tmp_pa
     other.write_text("A cat sleeps. <AUDCAP>purring<ENDAUDCAP>\n")
     err = bad_input(capsys, "--run", str(run), "--prompts", str(other))
     assert "was made for other clips" in err and "--make-reference" in err
+
+
+def test_prune_spares_the_checkpoint_marked_keep(tmp_path):
+    from distill import checkpoint
+    for step in (3, 6, 9, 12):
+        path = checkpoint.step_dir(tmp_path, step)
+        path.mkdir(parents=True)
+        (path / "COMPLETE").touch()
+    (checkpoint.step_dir(tmp_path, 3) / checkpoint.KEEP_FILE).touch()
+    checkpoint.prune(tmp_path, keep=2)
+    assert [p.name for p in checkpoint.complete_steps(tmp_path)] == ["step-000003", "step-000009", "step-000012"]
