@@ -381,15 +381,8 @@ class Evaluator:
         return result
 
     def _write_clips(self, latents: dict, out: Path, title: str) -> list[dict]:
-        """mp4 per clip and the contact sheet, decoding each clip once."""
-        clips, rows = [], []
-        decoded = decode_clips(self.plan.jobs, latents, self.bundle, self.vocoder, self.device, self.cfg.progress)
-        for job, frames, audio in decoded:
-            clips.append(write_clip(out, job, frames, audio))
-            label = f"{job.name}  {'[i2v] ' if job.image else ''}{job.prompt}"
-            rows.append(SheetRow(label[:MAX_LABEL_CHARS], frames, audio))
-        save_png(contact_sheet(rows, title=f"{self.run.name}: {title}"), out / store.CONTACT_SHEET)
-        return clips
+        return write_clips(self.plan.jobs, latents, self.bundle, self.vocoder, self.device, out,
+                           f"{self.run.name}: {title}", self.cfg.progress)
 
     def _logger(self) -> MetricsLog:
         if self.log is None:   # created on the first result, so a pass with nothing to do leaves wandb alone
@@ -407,6 +400,18 @@ class Evaluator:
     def close(self) -> None:
         if self.log is not None:
             self.log.close()
+
+
+def write_clips(jobs: list[Job], latents: dict, bundle: EncoderBundle, vocoder, device: torch.device, out: Path,
+                title: str, progress: bool) -> list[dict]:
+    """An mp4 per clip and the contact sheet, decoding each clip once (sample.py's decoders)."""
+    clips, rows = [], []
+    for job, frames, audio in decode_clips(jobs, latents, bundle, vocoder, device, progress):
+        clips.append(write_clip(out, job, frames, audio))
+        label = f"{job.name}  {'[i2v] ' if job.image else ''}{job.prompt}"
+        rows.append(SheetRow(label[:MAX_LABEL_CHARS], frames, audio))
+    save_png(contact_sheet(rows, title=title), out / store.CONTACT_SHEET)
+    return clips
 
 
 def store_latents(out: Path, names: list[str], latents: dict) -> tuple[torch.Tensor, torch.Tensor]:
