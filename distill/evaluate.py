@@ -49,7 +49,7 @@ import torch
 
 from distill import checkpoint
 from distill import eval_store as store
-from distill.contact_sheet import SheetRow, contact_sheet, save_png
+from distill.contact_sheet import SheetRow, contact_sheet, pick_frames, save_png
 from distill.eval_metrics import checkpoint_metrics
 from distill.eval_prompts import EvalPrompt, captions, read_eval_prompts
 from distill.metrics import MetricsLog
@@ -409,7 +409,8 @@ def write_clips(jobs: list[Job], latents: dict, bundle: EncoderBundle, vocoder, 
     for job, frames, audio in decode_clips(jobs, latents, bundle, vocoder, device, progress):
         clips.append(write_clip(out, job, frames, audio))
         label = f"{job.name}  {'[i2v] ' if job.image else ''}{job.prompt}"
-        rows.append(SheetRow(label[:MAX_LABEL_CHARS], frames, audio))
+        # only the frames the sheet shows are kept: a whole 720p clip is ~180 MB
+        rows.append(SheetRow(label[:MAX_LABEL_CHARS], frames[pick_frames(len(frames))].copy(), audio))
     save_png(contact_sheet(rows, title=title), out / store.CONTACT_SHEET)
     return clips
 
