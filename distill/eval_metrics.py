@@ -26,6 +26,7 @@ ratio, which is computed on whole samples.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -37,8 +38,14 @@ MIN_FRAMES = 3          # A/V alignment correlates F-1 >= 2 motion values per sa
 
 
 def checkpoint_metrics(student_video: Tensor, student_audio: Tensor, teacher_video: Tensor,
-                       teacher_audio: Tensor) -> dict[str, float]:
+                       teacher_audio: Tensor, groups: Sequence[int] | Tensor | None = None) -> dict[str, float]:
     """Metrics of the student's samples against the teacher's (see the module docstring).
+
+    `groups` (optional, one label per sample, e.g. the prompt or class; every group needs >= 2
+    samples): the Fréchet distances and diversities are then taken within each group and averaged,
+    i.e. conditionally on the prompt, in the units of the whole teacher set. That sees what pooling
+    across prompts hides: a student that drops modes within a prompt, or gives one prompt another
+    prompt's content. Without groups every sample is one draw of one distribution.
 
     fd_video, fd_audio        diagonal Fréchet distance of per-frame pooled features, in units of
                               the teacher's spread, averaged over feature dimensions (0 = same)
@@ -56,7 +63,7 @@ def checkpoint_metrics(student_video: Tensor, student_audio: Tensor, teacher_vid
     av_sync_gap               |av_sync_student - av_sync_teacher|
     score                     lower is better, 0 for a student equal to the teacher:
                               fd_video + fd_audio + |ln diversity_video| + |ln diversity_audio|
-                              + 0.5 · av_sync_gap
+                              + 0.5 · av_sync_gap   (with groups: the per-group fd and diversity)
 
     The score ranks by closeness to the teacher's distribution. The Fréchet terms grow with any
     shift or spread change of the marginals: a student that over-saturates (larger std, shifted
@@ -64,21 +71,21 @@ def checkpoint_metrics(student_video: Tensor, student_audio: Tensor, teacher_vid
     modalities. The |ln diversity| terms make collapse and saturation cost the same for the same
     factor (half the spread as much as twice). The paired distances are reported, not scored:
     they reward regression to the mean (on audio rows, a student that outputs the teacher's mean
-    sample gets 0.5, one with the teacher's exact distribution but other noise-to-sample pairings ~1), and
-    DMD matches distributions, not the teacher's noise-to-sample map.
+    sample gets 0.5, one with the teacher's exact distribution but other noise-to-sample pairings
+    ~1), and DMD matches distributions, not the teacher's noise-to-sample map.
     """
     _check_inputs(student_video, student_audio, teacher_video, teacher_audio)
+    members = _group_members(groups, student_video.shape[0])
     sv, tv = student_video.detach().double().cpu(), teacher_video.detach().double().cpu()
     sa, ta = student_audio.detach().double().cpu(), teacher_audio.detach().double().cpu()
     s_vfeat, t_vfeat = video_frame_features(sv), video_frame_features(tv)     # [N, F, D]
-    out: dict[str, float] = {
-        "fd_video": frechet_distance_diagonal(_rows(s_vfeat), _rows(t_vfeat)),
-        "fd_audio": frechet_distance_diagonal(_rows(sa), _rows(ta)),
-        "paired_video": paired_distance(s_vfeat.flatten(1), t_vfeat.flatten(1)),
-        "paired_audio": paired_distance(sa.flatten(1), ta.flatten(1)),
-        "diversity_video": diversity_ratio(s_vfeat.flatten(1), t_vfeat.flatten(1)),
-        "diversity_audio": diversity_ratio(sa.flatten(1), ta.flatten(1)),
-    }
+    out: dict[str, float] = {}
+    for name, s_feat, t_feat in (("video", s_vfeat, t_vfeat), ("audio", sa, ta)):
+        scale = _teacher_scale(_rows(t_feat))
+        out[f"fd_{name}"] = sum(frechet_distance_diagonal(_rows(s_feat[m]), _rows(t_feat[m]), scale)
+                                for m in members) / len(members)
+        out[f"paired_{name}"] = paired_distance(s_feat.flatten(1), t_feat.flatten(1))
+        out[f"diversity_{name}"] = diversity_ratio(s_feat.flatten(1), t_feat.flatten(1), members)
     for name, s, t, channel_dim in (("video", sv, tv, 1), ("audio", sa, ta, 2)):
         stats = channel_statistics(s, t, channel_dim)
         out.update({f"{key}_{name}": value for key, value in stats.items()})
@@ -118,11 +125,12 @@ def _teacher_scale(reference: Tensor) -> tuple[Tensor, Tensor]:
     return mean, std.clamp_min(STD_FLOOR * float(std.mean()) + 1e-12)
 
 
-def frechet_distance_diagonal(features: Tensor, reference: Tensor) -> float:
+def frechet_distance_diagonal(features: Tensor, reference: Tensor, scale: tuple[Tensor, Tensor] | None = None) -> float:
     """W2² between diagonal Gaussian fits of rows [M, D] and [M', D], after standardising both by
-    the reference's per-dimension mean and std, averaged over D (so the reference itself is at
-    mean 0, std 1 and the distance is mean_d[μ_d² + (σ_d - 1)²] of the standardised rows)."""
-    mean, std = _teacher_scale(reference)
+    the reference's per-dimension mean and std (or `scale`: a larger set's), averaged over D (so
+    the reference itself is at mean 0, std 1 and the distance is mean_d[μ_d² + (σ_d - 1)²] of the
+    standardised rows)."""
+    mean, std = scale if scale is not None else _teacher_scale(reference)
     z = (features - mean) / std
     z_ref = (reference - mean) / std
     mu, sigma = z.mean(dim=0), z.std(dim=0, unbiased=False)
@@ -140,13 +148,17 @@ def paired_distance(samples: Tensor, reference: Tensor) -> float:
     return float(((x - r) ** 2).sum(dim=1).mean()) / max(between, 1e-12)
 
 
-def diversity_ratio(samples: Tensor, reference: Tensor) -> float:
+def diversity_ratio(samples: Tensor, reference: Tensor, members: list[Tensor] | None = None) -> float:
     """RMS pairwise distance of the samples [N, D] over the reference's: sqrt(Σ var / Σ var_ref),
-    by the same identity; floored at 1e-6 so a fully collapsed student still has a finite log."""
+    by the same identity (within each group of `members`, summed, when given: seed-to-seed
+    diversity per prompt); floored at 1e-6 so a fully collapsed student still has a finite log."""
     _, std = _teacher_scale(reference)
-    spread = float((samples / std).var(dim=0, unbiased=True).sum())
-    spread_ref = float((reference / std).var(dim=0, unbiased=True).sum())
-    return max(math.sqrt(spread / max(spread_ref, 1e-12)), 1e-6)
+    members = members or [torch.arange(samples.shape[0])]
+
+    def spread(x: Tensor) -> float:
+        return sum(float((x[m] / std).var(dim=0, unbiased=True).sum()) for m in members)
+
+    return max(math.sqrt(spread(samples) / max(spread(reference), 1e-12)), 1e-6)
 
 
 def channel_statistics(latent: Tensor, reference: Tensor, channel_dim: int) -> dict[str, float]:
@@ -191,6 +203,20 @@ def av_sync(video: Tensor, audio: Tensor) -> float:
 
 
 # ------------------------------------------------------------------------------------- checks
+
+def _group_members(groups: Sequence[int] | Tensor | None, n: int) -> list[Tensor]:
+    """Sample indices per group (one group of everything without labels)."""
+    if groups is None:
+        return [torch.arange(n)]
+    labels = torch.as_tensor(groups).reshape(-1)
+    if labels.numel() != n:
+        raise ValueError(f"groups has {labels.numel()} labels for {n} samples")
+    members = [torch.nonzero(labels == value).reshape(-1) for value in torch.unique(labels)]
+    small = [int(labels[m[0]]) for m in members if len(m) < 2]
+    if small:
+        raise ValueError(f"every group needs at least 2 samples; group(s) {small[:5]} have one")
+    return members
+
 
 def _check_inputs(student_video: Tensor, student_audio: Tensor, teacher_video: Tensor, teacher_audio: Tensor) -> None:
     for name, x, ndim in (("student_video", student_video, 5), ("teacher_video", teacher_video, 5),

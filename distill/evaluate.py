@@ -9,7 +9,8 @@ skips every step already done), in step order:
   * 4-step samples of every prompt x seed (distill/sample.py's stages: the same noise per clip
     as `sample.py --seed S`, the run's σ list and re-noising), decoded to RUN/eval/step-N/NNN_S.mp4,
     plus RUN/eval/step-N/contact_sheet.png (a few frames and the spectrogram per clip);
-  * latent metrics against the teacher reference (distill/eval_metrics.py) in
+  * latent metrics against the teacher reference (distill/eval_metrics.py; with --seeds >= 2 taken
+    prompt by prompt, so a student that drops modes within a prompt shows) in
     RUN/eval/step-N/metrics.json, RUN/eval/metrics.jsonl and wandb (with the contact sheet and
     the clips; x-axis `train_step`);
   * RUN/eval/best.json (eval_store.BEST_RULE); `python distill/export.py --checkpoint RUN
@@ -210,6 +211,11 @@ class Plan:
     def names(self) -> list[str]:
         return [job.name for job in self.jobs]
 
+    @property
+    def groups(self) -> list[int] | None:
+        """With several seeds per prompt the metrics compare prompt by prompt (eval_metrics' groups)."""
+        return [job.index for job in self.jobs] if len(self.cfg.seeds) > 1 else None
+
 
 def wait_for_first_checkpoint(cfg: EvalConfig) -> Path:
     ckpts = cfg.run / "checkpoints"
@@ -365,10 +371,10 @@ class Evaluator:
         clips = self._write_clips(latents, out, f"step {step}")
         timings["decode_s"] = time.perf_counter() - start - timings["load_s"] - timings["sample_s"]
         student = store_latents(out, self.plan.names, latents)
-        metrics = checkpoint_metrics(*student, *self.reference)
+        metrics = checkpoint_metrics(*student, *self.reference, groups=self.plan.groups)
         timings["total_s"] = time.perf_counter() - start
         result = {"step": step, "checkpoint": str(step_dir), "reference_id": self.plan.reference_id,
-                  "metrics": metrics, "sampler": {"sigmas": list(sigmas), "renoise": renoise},
+                  "metrics": metrics, "grouped_by_prompt": self.plan.groups is not None, "sampler": {"sigmas": list(sigmas), "renoise": renoise},
                   "clips": clips, "timings_s": {k: round(v, 3) for k, v in timings.items()}}
         self._logger().log(step, {f"eval/{k}": v for k, v in metrics.items()},
                            media={"eval/contact_sheet": out / store.CONTACT_SHEET,

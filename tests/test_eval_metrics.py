@@ -148,3 +148,40 @@ def test_small_and_toy_world_sizes():
 def test_bad_inputs_are_named(teacher, change, needle):
     with pytest.raises(ValueError, match=needle):
         checkpoint_metrics(*change(*teacher, *teacher))
+
+
+def two_spot_world(seed: int, prompts: int, per_prompt: int, drop_mode: bool):
+    """Each prompt's object appears at one of two places of its own (a coin flip per sample); with
+    drop_mode it is always the first. Pooled over prompts, the places still all occur."""
+    g = torch.Generator().manual_seed(seed)
+    n = prompts * per_prompt
+    video = 0.1 * torch.randn(n, 4, 4, 4, 4, generator=g)
+    audio = 0.1 * torch.randn(n, 12, 3, generator=g)
+    labels = torch.arange(prompts).repeat_interleave(per_prompt)
+    places = [(0, 0), (3, 3), (0, 3), (3, 0)]
+    for i in range(n):
+        p = int(labels[i])
+        mode = 0 if drop_mode else int(torch.randint(0, 2, (1,), generator=g))
+        row, col = places[(p + 2 * mode) % 4]
+        video[i, :, 1:, row, col] += 2.0
+        audio[i, 3:, p % 3] += 1.0
+    return video, audio, labels
+
+
+def test_groups_see_a_mode_dropped_within_each_prompt():
+    tv, ta, labels = two_spot_world(0, prompts=4, per_prompt=32, drop_mode=False)
+    fresh_v, fresh_a, _ = two_spot_world(1, prompts=4, per_prompt=32, drop_mode=False)
+    drop_v, drop_a, _ = two_spot_world(1, prompts=4, per_prompt=32, drop_mode=True)
+    pooled = checkpoint_metrics(drop_v, drop_a, tv, ta)["score"]
+    grouped = checkpoint_metrics(drop_v, drop_a, tv, ta, groups=labels)["score"]
+    grouped_fresh = checkpoint_metrics(fresh_v, fresh_a, tv, ta, groups=labels)["score"]
+    assert grouped > 5 * grouped_fresh and grouped > 3 * pooled, (grouped, grouped_fresh, pooled)
+    one_group = checkpoint_metrics(drop_v, drop_a, tv, ta, groups=[7] * len(labels))
+    assert one_group == checkpoint_metrics(drop_v, drop_a, tv, ta)
+
+
+@pytest.mark.parametrize("groups, needle", [([0, 0, 1], "3 labels for 4 samples"), ([0, 0, 0, 1], "at least 2 samples")])
+def test_bad_groups_are_named(groups, needle):
+    video, audio = synthetic_world(0, **{**SHAPE, "n": 4})
+    with pytest.raises(ValueError, match=needle):
+        checkpoint_metrics(video, audio, video, audio, groups=groups)

@@ -21,7 +21,7 @@ from launcher import REPO
 from test_sample import write_ppm
 
 STEPS = (3, 6, 9)
-CLIPS = ("000_0.mp4", "001_0.mp4")
+CLIPS = ("000_0.mp4", "000_1.mp4", "001_0.mp4", "001_1.mp4")   # 2 prompts x 2 seeds
 PROMPTS = [{"prompt": "A dog runs along the beach. <AUDCAP>waves, barking<ENDAUDCAP>"},
            {"prompt": "A red ball rolls. <AUDCAP>a soft thud<ENDAUDCAP>", "image": "first.ppm"}]
 
@@ -50,7 +50,7 @@ def evaluated(tiny_run, tmp_path_factory):
     shutil.copytree(run / "checkpoints" / "step-000009", run / "checkpoints" / "step-000012")
     (run / "checkpoints" / "step-000012" / "COMPLETE").unlink()
     prompts = write_prompts(root)
-    proc = run_evaluate("--run", str(run), "--prompts", str(prompts), "--once")
+    proc = run_evaluate("--run", str(run), "--prompts", str(prompts), "--seeds", "2", "--once")
     return run, prompts, proc
 
 
@@ -70,7 +70,7 @@ def test_every_complete_checkpoint_gets_clips_sheet_metrics(evaluated):
             clip = read_clip(folder / name)
             assert clip == dict(streams=(1, 1), codecs=("h264", "aac"), size=(64, 64), frames=17, sample_rate=16000)
         sheet = Image.open(folder / "contact_sheet.png")
-        assert sheet.format == "PNG" and sheet.width > 4 * 64 and sheet.height > 2 * 64   # 2 rows of 4 frames + spectrogram
+        assert sheet.format == "PNG" and sheet.width > 4 * 64 and sheet.height > 4 * 64   # 4 rows of 4 frames + spectrogram
         sheet_pixels = np.asarray(sheet.convert("RGB"))
         assert sheet_pixels.std() > 5, "the sheet is blank"
     assert not (run / "eval" / "step-000012").exists(), "a checkpoint without COMPLETE must wait"
@@ -81,6 +81,7 @@ def test_every_complete_checkpoint_gets_clips_sheet_metrics(evaluated):
     for step in STEPS:
         result = json.loads((run / "eval" / f"step-{step:06d}" / "metrics.json").read_text())
         assert result["step"] == step and result["sampler"]["sigmas"][0] == 1.0
+        assert result["grouped_by_prompt"] is True      # 2 seeds per prompt: metrics prompt by prompt
         assert np.isfinite(list(result["metrics"].values())).all()
         scores[step] = result["metrics"]["score"]
     best = json.loads((run / "eval" / "best.json").read_text())
@@ -93,14 +94,14 @@ def test_every_complete_checkpoint_gets_clips_sheet_metrics(evaluated):
 def test_student_and_reference_share_noise_and_first_frame(evaluated):
     run, _, _ = evaluated
     ref_video, ref_audio = load_latents(run / "eval" / "reference" / "latents.safetensors")
-    assert tuple(ref_video.shape) == (2, 48, 5, 4, 4) and tuple(ref_audio.shape) == (2, 22, 20)
+    assert tuple(ref_video.shape) == (4, 48, 5, 4, 4) and tuple(ref_audio.shape) == (4, 22, 20)
     student_video, _ = load_latents(run / "eval" / "step-000009" / "latents.safetensors")
-    # clip 001 is image-to-video: both pinned frame 0 to the same image latent; clip 000 is not
-    assert (student_video[1, :, 0] == ref_video[1, :, 0]).all()
+    # clips 001_* are image-to-video: both pinned frame 0 to the same image latent; clips 000_* are not
+    assert (student_video[2:, :, 0] == ref_video[2:, :, 0]).all()
     assert not (student_video[0, :, 0] == ref_video[0, :, 0]).all()
     reference = json.loads((run / "eval" / "reference" / "reference.json").read_text())
     assert reference["spec"]["sampler"]["steps"] == 50 and reference["spec"]["sampler"]["slg_block"] == 1  # tiny.yaml's
-    assert [c["image"] is not None for c in reference["spec"]["clips"]] == [False, True]
+    assert [c["image"] is not None for c in reference["spec"]["clips"]] == [False, False, True, True]
 
 
 def wandb_records(run_dir: Path):
@@ -155,12 +156,12 @@ def test_the_offline_wandb_run_holds_metrics_and_media(evaluated):
 def test_reruns_skip_what_is_done_and_pick_up_what_completed(evaluated, tmp_path):
     run, prompts, _ = evaluated
     stamps = {p: p.stat().st_mtime_ns for p in (run / "eval").glob("step-*/metrics.json")}
-    proc = run_evaluate("--run", str(run), "--prompts", str(prompts))
+    proc = run_evaluate("--run", str(run), "--prompts", str(prompts), "--seeds", "2")
     assert "nothing to evaluate" in proc.stdout
     assert stamps == {p: p.stat().st_mtime_ns for p in (run / "eval").glob("step-*/metrics.json")}
 
     (run / "checkpoints" / "step-000012" / "COMPLETE").touch()   # the trainer finished writing it
-    proc = run_evaluate("--run", str(run), "--prompts", str(prompts), "--watch", "--poll-s", "0.1")
+    proc = run_evaluate("--run", str(run), "--prompts", str(prompts), "--seeds", "2", "--watch", "--poll-s", "0.1")
     assert "evaluated 1 checkpoint(s) [12]" in proc.stdout and "final step 9 is evaluated" in proc.stdout
     assert stamps == {p: p.stat().st_mtime_ns for p in stamps}
     rows = (run / "eval" / "metrics.jsonl").read_text().splitlines()
