@@ -141,11 +141,12 @@ def _randomise(module: torch.nn.Module, seed: int, device: torch.device) -> torc
     return module
 
 
-def build_dit(variant_name: str, device: torch.device, dtype: torch.dtype) -> OviFusion:
-    if variant_name == "tiny":
+def build_dit(variant_name: str, device: torch.device, dtype: torch.dtype, num_layers: int | None = None) -> OviFusion:
+    """Random-weight DiT of the variant (`num_layers`: a shallower one, for quick checks)."""
+    if variant_name == "tiny" and num_layers is None:
         return OviFusion.from_variant("tiny").to(device=device, dtype=dtype).eval().requires_grad_(False)
     with torch.device("meta"):
-        model = OviFusion(variant_config(variant_name)).to(dtype)   # meta in bf16: 23 GB, never 46
+        model = OviFusion(variant_config(variant_name, num_layers)).to(dtype)   # meta in bf16: 23 GB, never 46
     model = model.to_empty(device=device)
     return _randomise(model, 0, device).eval().requires_grad_(False)
 

@@ -7,6 +7,7 @@
         trainer/rank-00000.pt   this rank's RNG states and data position
         trainer.json            step counters and the config (rank 0)
         COMPLETE                written by rank 0 after every rank has finished
+        KEEP                    (optional) the evaluator's best checkpoint: never pruned
     OUT/checkpoints/latest      "step-000100", replaced atomically after COMPLETE
 
 DeepSpeed's own `latest` is written by rank 0 before the other ranks are known to be done
@@ -27,6 +28,7 @@ import torch.distributed as dist
 from precompute.fileio import atomic_write
 
 ENGINE_TAG = "state"
+KEEP_FILE = "KEEP"  # distill/evaluate.py marks the best checkpoint with it: prune never deletes it
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -80,10 +82,12 @@ def complete_steps(root: Path) -> list[Path]:
 
 
 def prune(root: Path, keep: int) -> None:
-    """Delete the oldest complete checkpoints beyond `keep`, and incomplete ones older than the newest complete."""
+    """Delete the oldest complete checkpoints beyond `keep` (except one marked KEEP), and incomplete
+    ones older than the newest complete."""
     complete = complete_steps(root)
     for old in complete[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        if not (old / KEEP_FILE).exists():
+            shutil.rmtree(old, ignore_errors=True)
     if complete:
         for partial in (Path(root) / "checkpoints").glob("step-*"):
             if not (partial / "COMPLETE").exists() and partial.name < complete[-1].name:

@@ -1,10 +1,11 @@
 """Export the student as one safetensors file with Ovi's own key names (bf16), a drop-in for
 Ovi's `model.safetensors` and for `OviFusion`:
 
-    python distill/export.py --checkpoint RUN_DIR --out student.safetensors [--raw] [--step N]
+    python distill/export.py --checkpoint RUN_DIR --out student.safetensors [--raw] [--step N | --step best]
 
 By default the EMA weights (fp32 shards saved by every rank) are stitched back together;
 `--raw` takes the generator's fp32 master weights from its DeepSpeed checkpoint instead.
+`--step best` takes the checkpoint distill/evaluate.py chose (RUN_DIR/eval/best.json).
 Runs offline on one CPU process; needs only the checkpoint directory.
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ if __package__ in (None, ""):
 import torch
 
 from distill import checkpoint
+from distill.eval_store import best_step
 from distill.models import OviFusion, variant_config
 from distill.models.loading import check_header, expected_entries, read_header, save_ovi_checkpoint
 
@@ -77,15 +79,27 @@ def export(run_or_step: Path, out: Path, raw: bool = False, step: int | None = N
     return path
 
 
+def parse_step(run: Path, step: str | None) -> int | None:
+    if step is None:
+        return None
+    if step == "best":
+        return best_step(run)
+    try:
+        return int(step)
+    except ValueError:
+        raise ValueError(f"--step {step!r}: expected a step number or 'best'") from None
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="run directory (uses checkpoints/latest) or a step-N directory")
     parser.add_argument("--out", required=True)
     parser.add_argument("--raw", action="store_true", help="export the raw generator instead of its EMA")
-    parser.add_argument("--step", type=int)
+    parser.add_argument("--step", help="a training step, or 'best' (the evaluator's choice in RUN_DIR/eval/best.json)")
     args = parser.parse_args(argv)
     try:
-        path = export(Path(args.checkpoint), Path(args.out), args.raw, args.step)
+        step = parse_step(Path(args.checkpoint), args.step)
+        path = export(Path(args.checkpoint), Path(args.out), args.raw, step)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,4 +1,4 @@
-"""Where training numbers go: OUT/metrics.jsonl and wandb (offline by default), rank 0 only."""
+"""Where training (and evaluation) numbers go: OUT/metrics.jsonl and wandb (offline by default), rank 0 only."""
 from __future__ import annotations
 
 import json
@@ -9,9 +9,15 @@ from pathlib import Path
 
 class MetricsLog:
     def __init__(self, out: Path, config: dict, rank: int, mode: str = "offline", project: str = "ovi-dmd",
-                 run_name: str | None = None, resume: bool = False):
+                 run_name: str | None = None, resume: bool = False, group: str | None = None,
+                 job_type: str | None = None, step_metric: str | None = None):
+        """`group`: the wandb group (default: this run's own id, so an evaluator can join it);
+        `step_metric`: log the step as this metric and plot everything against it, instead of
+        wandb's own step (an evaluator logs training steps, which wandb's step may not accept
+        after a resume)."""
         self.enabled = rank == 0
         self.run = None
+        self.step_metric = step_metric
         if not self.enabled:
             return
         self.path = Path(out) / "metrics.jsonl"
@@ -19,8 +25,13 @@ class MetricsLog:
         if mode != "disabled":
             os.environ.setdefault("WANDB_SILENT", "true")
             import wandb
+            run_id = self._run_id(out, resume)
             self.run = wandb.init(project=project, name=run_name, dir=str(out), config=config, mode=mode,
-                                  resume="allow" if resume else None, id=self._run_id(out, resume))
+                                  resume="allow" if resume else None, id=run_id, group=group or run_id,
+                                  job_type=job_type)
+            if step_metric:
+                self.run.define_metric(step_metric)
+                self.run.define_metric("*", step_metric=step_metric)
 
     @staticmethod
     def _run_id(out: Path, resume: bool) -> str | None:
@@ -32,13 +43,25 @@ class MetricsLog:
         id_file.write_text(run_id)
         return run_id
 
-    def log(self, step: int, values: dict) -> None:
+    def log(self, step: int, values: dict, media: dict[str, Path] | None = None) -> None:
+        """`values` go to metrics.jsonl and wandb; `media` (name -> .png or .mp4 file) to wandb only."""
         if not self.enabled:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, **values}) + "\n")
         if self.run is not None:
-            self.run.log(values, step=step)
+            row = {**values, **{name: self._media(path) for name, path in (media or {}).items()}}
+            if self.step_metric:
+                self.run.log({**row, self.step_metric: step})
+            else:
+                self.run.log(row, step=step)
+
+    @staticmethod
+    def _media(path: Path):
+        import wandb
+        if Path(path).suffix == ".mp4":
+            return wandb.Video(str(path), format="mp4")
+        return wandb.Image(str(path))
 
     def close(self) -> None:
         if self.run is not None:

@@ -33,7 +33,7 @@ import gc
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -186,24 +186,31 @@ def parse_args(argv: Sequence[str] | None = None) -> SampleConfig:
 
 # Inputs: prompts, images, jobs -----------------------------------------------------------------
 
-def read_prompts(path: Path, variant: Variant) -> list[str]:
-    """Non-blank lines, each in the variant's caption style. Errors name the file and line."""
+def read_prompt_lines(path: Path) -> list[tuple[int, str]]:
+    """(line number, text) of every non-blank line. Errors name the file."""
     if not path.is_file():
         raise SampleError(f"--prompts {path}: no such file")
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as err:
         raise SampleError(f"--prompts {path}: not UTF-8 text ({err})") from None
-    prompts = []
-    for number, line in enumerate(lines, start=1):
-        if line.strip():
-            try:
-                prompts.append(prompt_for_variant(line.strip(), variant))
-            except ValueError as err:
-                raise SampleError(f"{path}:{number}: {err}") from None
-    if not prompts:
+    numbered = [(number, line.strip()) for number, line in enumerate(lines, start=1) if line.strip()]
+    if not numbered:
         raise SampleError(f"--prompts {path}: no prompts (the file is empty or blank)")
-    return prompts
+    return numbered
+
+
+def caption_for_variant(text: str, variant: Variant, where: str) -> str:
+    """A prompt in the variant's caption style; `where` (file:line) names it in the error."""
+    try:
+        return prompt_for_variant(text, variant)
+    except ValueError as err:
+        raise SampleError(f"{where}: {err}") from None
+
+
+def read_prompts(path: Path, variant: Variant) -> list[str]:
+    """Non-blank lines, each in the variant's caption style. Errors name the file and line."""
+    return [caption_for_variant(text, variant, f"{path}:{number}") for number, text in read_prompt_lines(path)]
 
 
 def load_image(path: Path) -> np.ndarray:
@@ -232,8 +239,9 @@ class Job:
 
 
 def plan_jobs(prompts: list[str], seeds: Sequence[int], variant: Variant, size: tuple[int, int] | None,
-              images: Sequence[Path], image_sizes: dict[Path, tuple[int, int]]) -> list[Job]:
-    """Every (prompt, seed) with its pixel size; `image_sizes` maps each image to its source H, W."""
+              images: Sequence[Path | None], image_sizes: dict[Path, tuple[int, int]]) -> list[Job]:
+    """Every (prompt, seed) with its pixel size; `image_sizes` maps each image to its source H, W.
+    `images`: none, one for every prompt, or one per prompt (None for a text-only prompt)."""
     if images and len(images) not in (1, len(prompts)):
         raise SampleError(f"--image given {len(images)} times for {len(prompts)} prompts: give it once or once per prompt")
     jobs = []
@@ -436,20 +444,30 @@ def decode_options(device: torch.device) -> DecodeOptions:
 
 
 @torch.inference_mode()
-def decode_and_write(jobs: list[Job], latents: dict[str, tuple], bundle: EncoderBundle, vocoder: Vocoder,
-                     out: Path, device: torch.device, progress: bool) -> list[dict]:
-    written, options = [], decode_options(device)
+def decode_clips(jobs: list[Job], latents: dict[str, tuple], bundle: EncoderBundle, vocoder: Vocoder,
+                 device: torch.device, progress: bool) -> Iterator[tuple[Job, np.ndarray, np.ndarray]]:
+    """(job, frames uint8 [F, H, W, 3], audio float32 [N]) per job, one at a time (a 720p clip is ~180 MB)."""
+    options = decode_options(device)
     for job in tqdm(jobs, desc="decode", disable=not progress):
         video_latent, audio_latent = latents[job.name]
         video = bundle.video_vae.decode(video_latent[None].to(device), options=options)[0]  # [3, F, H, W] in [-1, 1]
         mel = bundle.audio_vae.decode(audio_latent[None].to(device))
         waveform = vocoder(mel.to(next(vocoder.parameters()).dtype))[0]        # [1, N]
-        frames, audio = video_to_uint8(video), audio_to_float(waveform)
-        path = write_mp4(out / f"{job.name}.mp4", frames, audio)
-        written.append(dict(file=path.name, index=job.index, seed=job.seed, prompt=job.prompt,
-                            image=str(job.image) if job.image else None, height=frames.shape[1],
-                            width=frames.shape[2], frames=frames.shape[0], audio_samples=int(audio.size)))
-    return written
+        yield job, video_to_uint8(video), audio_to_float(waveform)
+
+
+def write_clip(out: Path, job: Job, frames: np.ndarray, audio: np.ndarray) -> dict:
+    """`out/{job.name}.mp4`, and the record settings.json keeps of it."""
+    path = write_mp4(out / f"{job.name}.mp4", frames, audio)
+    return dict(file=path.name, index=job.index, seed=job.seed, prompt=job.prompt,
+                image=str(job.image) if job.image else None, height=frames.shape[1],
+                width=frames.shape[2], frames=frames.shape[0], audio_samples=int(audio.size))
+
+
+def decode_and_write(jobs: list[Job], latents: dict[str, tuple], bundle: EncoderBundle, vocoder: Vocoder,
+                     out: Path, device: torch.device, progress: bool) -> list[dict]:
+    return [write_clip(out, job, frames, audio)
+            for job, frames, audio in decode_clips(jobs, latents, bundle, vocoder, device, progress)]
 
 
 def load_vocoder(cfg: SampleConfig, device: torch.device) -> Vocoder:
@@ -457,6 +475,41 @@ def load_vocoder(cfg: SampleConfig, device: torch.device) -> Vocoder:
     if cfg.vocoder is None:
         return Vocoder.tiny(seed=TINY_SEED).to(device)
     return Vocoder.from_file(cfg.vocoder, device=device)
+
+
+def load_images(images: Sequence[Path | None]) -> dict[Path, np.ndarray]:
+    return {path: load_image(path) for path in dict.fromkeys(images) if path is not None}
+
+
+def job_image_sizes(jobs: Sequence[Job]) -> dict[Path, tuple[int, int]]:
+    """The pixel size each first-frame image is resized into (its jobs' size)."""
+    return {job.image: job.size for job in jobs if job.image is not None}
+
+
+def student_sampler(cfg: SampleConfig, source: ModelSource) -> tuple[tuple[float, ...], str]:
+    """The student's σ list and re-noising: the command line's, else the run's, else the defaults."""
+    sigmas = tuple(cfg.sigmas or source.sigmas or STUDENT_SIGMAS)
+    if not cfg.teacher and (not all(0 < s <= 1 for s in sigmas) or any(a <= b for a, b in zip(sigmas, sigmas[1:]))):
+        raise SampleError(f"--sigmas {sigmas}: must be strictly decreasing values in (0, 1]")
+    renoise = cfg.renoise or source.renoise or "fresh"
+    if renoise not in RENOISE_MODES:
+        raise SampleError(f"{source.path}: unknown re-noising {renoise!r} (expected one of {RENOISE_MODES})")
+    return sigmas, renoise
+
+
+def encode_prompts(bundle: EncoderBundle, jobs: Sequence[Job], cfg: SampleConfig, device: torch.device,
+                   with_negatives: bool) -> tuple[dict[str, torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None]:
+    """Every job's prompt (and the teacher's two negatives) through umT5, which is then deleted
+    from the bundle: umT5-XXL is 11 GB in bf16, gone before the DiT loads."""
+    text_encoder, bundle.text = bundle.text, None
+    texts = encode_texts(text_encoder, [job.prompt for job in jobs], cfg.text_batch, cfg.variant.text_len)
+    negatives = None
+    if with_negatives:
+        neg = encode_texts(text_encoder, [cfg.video_negative, cfg.audio_negative], 2, cfg.variant.text_len)
+        negatives = (neg[cfg.video_negative], neg[cfg.audio_negative])
+    del text_encoder
+    release(device)
+    return texts, negatives
 
 
 def run(cfg: SampleConfig) -> dict:
@@ -470,34 +523,21 @@ def run(cfg: SampleConfig) -> dict:
 
     variant = cfg.variant
     prompts = read_prompts(cfg.prompts_file, variant)
-    pixels = {path: load_image(path) for path in dict.fromkeys(cfg.images)}
+    pixels = load_images(cfg.images)
     jobs = plan_jobs(prompts, cfg.seeds, variant, cfg.size, cfg.images, {p: img.shape[:2] for p, img in pixels.items()})
     check_encoder_files(cfg)
     source = resolve_model(cfg)
-    sigmas = tuple(cfg.sigmas or source.sigmas or STUDENT_SIGMAS)
-    if not cfg.teacher and (not all(0 < s <= 1 for s in sigmas) or any(a <= b for a, b in zip(sigmas, sigmas[1:]))):
-        raise SampleError(f"--sigmas {sigmas}: must be strictly decreasing values in (0, 1]")
-    renoise = cfg.renoise or source.renoise or "fresh"
-    if renoise not in RENOISE_MODES:
-        raise SampleError(f"{source.path}: unknown re-noising {renoise!r} (expected one of {RENOISE_MODES})")
+    sigmas, renoise = student_sampler(cfg, source)
     device, dtype = resolve_device(cfg)
     cfg.out.mkdir(parents=True, exist_ok=True)
     lap("validate")
 
     bundle = EncoderBundle.load(variant, cfg.encoders, device, dtype, cache_dir=cfg.cache_dir or cfg.out / ".cache",
                                 hash_files=False)
-    text_encoder, bundle.text = bundle.text, None
-    texts = encode_texts(text_encoder, [job.prompt for job in jobs], cfg.text_batch, variant.text_len)
-    negatives = None
-    if cfg.teacher:
-        neg = encode_texts(text_encoder, [cfg.video_negative, cfg.audio_negative], 2, variant.text_len)
-        negatives = (neg[cfg.video_negative], neg[cfg.audio_negative])
-    del text_encoder  # umT5-XXL is 11 GB in bf16: gone before the DiT loads
-    release(device)
+    texts, negatives = encode_prompts(bundle, jobs, cfg, device, with_negatives=cfg.teacher)
     lap("text")
 
-    image_sizes = {job.image: job.size for job in jobs if job.image is not None}
-    image_latents = encode_images(bundle.video_vae, pixels, image_sizes)
+    image_latents = encode_images(bundle.video_vae, pixels, job_image_sizes(jobs))
     lap("images")
 
     model = load_model(source, variant, device, dtype)

@@ -1,5 +1,7 @@
-"""Shared pytest fixtures: where the golden fixtures live, and a scratch directory."""
+"""Shared pytest fixtures: where the golden fixtures live, a tiny dataset and a tiny DMD run."""
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -30,3 +32,25 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """Shards written by precompute/encode.py (tiny seeded encoders) from 4 real clips."""
+    from clips import make_tiny_manifest
+    root = tmp_path_factory.mktemp("tiny_data")
+    manifest = make_tiny_manifest(root, 4)
+    subprocess.run([sys.executable, "precompute/encode.py", "--manifest", str(manifest),
+                    "--shards", str(root / "data"), "--variant", "tiny"], cwd=REPO, check=True,
+                   capture_output=True, timeout=600)
+    return root / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_dataset, tmp_path_factory) -> Path:
+    """A real 2-rank DMD run of 9 steps with checkpoints at steps 3, 6 and 9. Read-only: copy it
+    to change it (tests/test_train.py compares against it, tests/test_evaluate.py evaluates a copy)."""
+    from launcher import TINY_SCHEDULES, train_tiny
+    run = tmp_path_factory.mktemp("tiny_run") / "run"
+    train_tiny(tiny_dataset, run, "--max-steps", "9", *TINY_SCHEDULES)
+    return run

@@ -22,3 +22,17 @@ def run_deepspeed(script: Path, *args: str, nproc: int = 2, timeout: int = 600, 
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode})\n--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-6000:]}")
     return proc
+
+
+# Warmup then cosine for the generator, linear to a floor for the critic: the shared tiny run trains with
+# these, so resuming it (tests/test_train.py) checks that both schedules pick up where they were.
+TINY_SCHEDULES = ("generator_optim.schedule.warmup_steps=2", "generator_optim.schedule.decay=cosine",
+                  "generator_optim.schedule.decay_steps=3", "generator_optim.schedule.min_ratio=0.1",
+                  "critic_optim.schedule.decay=linear", "critic_optim.schedule.decay_steps=5",
+                  "critic_optim.schedule.min_ratio=0.5")
+
+
+def train_tiny(data: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    """distill/train.py with the tiny recipe on 2 CPU ranks, a checkpoint every 3 steps."""
+    return run_deepspeed(REPO / "distill" / "train.py", "--deepspeed", "ds_configs/zero3_cpu.json", "--config",
+                         "distill/configs/tiny.yaml", "--data", str(data), "--out", str(out), "--save-every", "3", *extra)

@@ -4,11 +4,14 @@ munged, slurmctld, slurmd started by tests/slurm_cluster.py under a temporary fo
   * precompute (tiny encoders): preempted after its first finished shard, requeued, and the second
     attempt skips the finished shards and writes the rest;
   * distill (tiny config, on that dataset): preempted mid-run, checkpoints, requeued, resumes from
-    `latest`, finishes with every step logged.
+    `latest`, finishes with every step logged;
+  * evaluate (1 task, on a finished tiny run): evaluates every checkpoint and ends by itself once
+    the run's final checkpoint is done.
 Skips, saying why, where Slurm cannot run on this machine (install it with .ci/install_slurm.sh)."""
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -43,10 +46,10 @@ def job_env(tmp: Path, **extra: str) -> dict[str, str]:
             **extra}
 
 
-def submit(slurm, script: str, tmp: Path, env: dict, *args: str) -> tuple[int, Path, Path]:
+def submit(slurm, script: str, tmp: Path, env: dict, *args: str, options: tuple[str, ...] = ()) -> tuple[int, Path, Path]:
     out_file, err_file = tmp / f"{Path(script).stem}.out", tmp / f"{Path(script).stem}.err"
     # The node has no GPUs (no gres): the test drops the script's --gpus-per-node, keeps the rest.
-    job = slurm.sbatch("--gpus-per-node=0", f"--output={out_file}", f"--error={err_file}", script, *args,
+    job = slurm.sbatch("--gpus-per-node=0", f"--output={out_file}", f"--error={err_file}", *options, script, *args,
                        cwd=REPO, env=env)
     return job, out_file, err_file
 
@@ -166,3 +169,25 @@ def test_distill_preempted_requeued_and_resumed(slurm, precompute_job, tmp_path)
     final = run / "checkpoints" / f"step-{MAX_STEPS:06d}"
     assert (final / "COMPLETE").exists() and (run / "checkpoints" / "latest").read_text() == final.name
     assert json.loads((final / "trainer.json").read_text())["step"] == MAX_STEPS
+
+
+def test_evaluate_watches_the_run_and_ends_after_its_final_checkpoint(slurm, tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("A dog runs along the beach. <AUDCAP>waves, barking<ENDAUDCAP>\n"
+                       "A red ball rolls. <AUDCAP>a soft thud<ENDAUDCAP>\n")
+    env = job_env(tmp_path, OUT=str(run), PROMPTS=str(prompts))
+    # the test node has 2 CPUs and little memory: the script's 8 CPUs and 160 GB are dropped too
+    job, out_file, err_file = submit(slurm, "launch/evaluate.sbatch", tmp_path, env, "--poll-s", "1",
+                                     options=("--cpus-per-task=1", "--mem=0"))
+    try:
+        slurm.wait_for(lambda: slurm.job(job).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"),
+                       timeout=300, what="the evaluator to finish")
+    except TimeoutError as err:
+        raise AssertionError(f"{err}\n{report(slurm, job, out_file, err_file)}") from None
+    why = report(slurm, job, out_file, err_file)
+    assert slurm.job(job)["JobState"] == "COMPLETED", why
+    text = out_file.read_text()
+    assert "evaluated 3 checkpoint(s) [3, 6, 9]" in text and "the run's final step 9 is evaluated" in text, why
+    assert json.loads((run / "eval" / "best.json").read_text())["step"] in (3, 6, 9)

@@ -7,26 +7,15 @@ import sys
 import pytest
 import torch
 
-from clips import make_tiny_manifest
 from distill.models import OviFusion, load_ovi_checkpoint
-from launcher import REPO, run_deepspeed
+from launcher import REPO, TINY_SCHEDULES, run_deepspeed, train_tiny
 
 TRAIN = REPO / "distill" / "train.py"
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train_data")
-    manifest = make_tiny_manifest(root, 4)
-    subprocess.run([sys.executable, "precompute/encode.py", "--manifest", str(manifest),
-                    "--shards", str(root / "data"), "--variant", "tiny"], cwd=REPO, check=True,
-                   capture_output=True, timeout=600)
-    return root / "data"
-
-
-def train(data, out, *extra):
-    return run_deepspeed(TRAIN, "--deepspeed", "ds_configs/zero3_cpu.json", "--config", "distill/configs/tiny.yaml",
-                         "--data", str(data), "--out", str(out), "--save-every", "3", *extra)
+def dataset(tiny_dataset):
+    return tiny_dataset   # conftest: shared with tests/test_evaluate.py
 
 
 def losses(run) -> dict[int, dict]:
@@ -67,29 +56,22 @@ def test_engines_gradients_counts_ema_teacher_export_flow(dataset, tmp_path):
     assert r0["export_vs_generator_max_diff"] == 0.0
 
 
-# warmup then cosine for the generator, linear to a floor for the critic: resume must land at the
-# same point of both schedules (they are functions of the step, which the checkpoint holds)
-SCHEDULES = ("generator_optim.schedule.warmup_steps=2", "generator_optim.schedule.decay=cosine",
-             "generator_optim.schedule.decay_steps=3", "generator_optim.schedule.min_ratio=0.1",
-             "critic_optim.schedule.decay=linear", "critic_optim.schedule.decay_steps=5",
-             "critic_optim.schedule.min_ratio=0.5")
-
-
-def test_resume_is_bit_identical_and_export_loads(dataset, tmp_path):
-    whole, split = tmp_path / "whole", tmp_path / "split"
-    train(dataset, whole, "--max-steps", "6", *SCHEDULES)
-    train(dataset, split, "--max-steps", "3", *SCHEDULES)
-    train(dataset, split, "--max-steps", "6", "--resume", *SCHEDULES)
+def test_resume_is_bit_identical_and_export_loads(dataset, tiny_run, tmp_path):
+    """The shared run has warmup then cosine for the generator and linear to a floor for the critic
+    (launcher.TINY_SCHEDULES): resume lands at the same point of both (functions of the step)."""
+    whole, split = tiny_run, tmp_path / "split"      # whole: 9 steps in one go (the shared run)
+    train_tiny(dataset, split, "--max-steps", "3", *TINY_SCHEDULES)
+    train_tiny(dataset, split, "--max-steps", "9", "--resume", *TINY_SCHEDULES)
     a, b = losses(whole), losses(split)
-    assert sorted(a) == list(range(6)) and all(a[s] for s in a)
-    for step in range(3, 6):
+    assert sorted(a) == list(range(9)) and all(a[s] for s in a)
+    for step in range(3, 9):
         assert a[step] == b[step], f"step {step} differs after resume"
     # the logged rates are the schedules' values (tiny.yaml: both peaks 1e-4)
-    assert [round(a[s]["lr/generator"] / 1e-4, 6) for s in range(6)] == [0.5, 1.0, 1.0, 0.775, 0.325, 0.1]
-    assert [round(a[s]["lr/critic"] / 1e-4, 6) for s in range(6)] == [1.0, 0.9, 0.8, 0.7, 0.6, 0.5]
+    assert [round(a[s]["lr/generator"] / 1e-4, 6) for s in range(9)] == [0.5, 1.0, 1.0, 0.775, 0.325] + [0.1] * 4
+    assert [round(a[s]["lr/critic"] / 1e-4, 6) for s in range(9)] == [1.0, 0.9, 0.8, 0.7, 0.6] + [0.5] * 4
     checkpoints = sorted(p.name for p in (whole / "checkpoints").glob("step-*"))
-    assert checkpoints == ["step-000003", "step-000006"]
-    assert (whole / "checkpoints" / "latest").read_text() == "step-000006"
+    assert checkpoints == ["step-000003", "step-000006", "step-000009"]
+    assert (whole / "checkpoints" / "latest").read_text() == "step-000009"
     out = tmp_path / "student.safetensors"
     subprocess.run([sys.executable, "distill/export.py", "--checkpoint", str(whole), "--out", str(out)], cwd=REPO,
                    check=True, capture_output=True, timeout=300)
