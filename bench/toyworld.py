@@ -587,6 +587,20 @@ def evaluate(samples: dict[str, dict[int, dict]], world: WorldConfig, truth_per_
     return results
 
 
+def evaluator_metrics(samples: dict[str, dict[int, dict]]) -> dict[str, dict[str, float]]:
+    """distill/eval_metrics.py on every sampler against teacher@50 (the same noise, classes as the
+    groups): what distill/evaluate.py would make of each, without ever seeing the truth. Its `score`
+    ranks the student snapshots; bench/toyworld_sweep.py compares that ranking with the judge's."""
+    from distill.eval_metrics import checkpoint_metrics
+    reference = samples[REFERENCE]
+    classes = sorted(reference)
+    cat = lambda per_class, part: torch.cat([per_class[k][part] for k in classes])
+    groups = torch.cat([torch.full((len(reference[k]["video"]),), k) for k in classes])
+    return {name: checkpoint_metrics(cat(per_class, "video"), cat(per_class, "audio"), cat(reference, "video"),
+                                     cat(reference, "audio"), groups=groups)
+            for name, per_class in samples.items() if name != REFERENCE}
+
+
 def markdown_table(results: dict[str, dict]) -> str:
     k = len(next(r for r in results.values() if "fd_per_class" in r)["fd_per_class"])
     with_ref = any("fd_ref_mean" in r for r in results.values())
@@ -688,6 +702,8 @@ def run(size_name: str, out: Path, size: SizeConfig | None = None, teacher: Path
     timings["sample_s"] = time.perf_counter() - t0
     save_samples(samples, out / "samples.pt")
     results = evaluate(samples, size.world, size.truth_per_class, seed=size.seeded(12345))
+    for name, metrics in evaluator_metrics(samples).items():
+        results[name]["evaluator"] = metrics
     table = markdown_table(results)
     names = [*FEATURE_NAMES, *(f"tone_{k}" for k in range(size.world.num_classes))]
     report = {"size": size_name, "config": asdict(size), "feature_names": names, "results": results, "timings": timings,

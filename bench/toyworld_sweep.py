@@ -121,16 +121,59 @@ def summarise(reports: dict, seeds: list[int], cfgs: list[float]) -> dict:
                 missing.append(s)
                 continue
             r = report["results"]
-            snapshots = {name: v[target_key(c)] for name, v in r.items() if name.startswith("student@4")}
+            recipe = report["config"]["dmd_steps"]
+            students = sorted((name for name in r if name.startswith("student@4")), key=lambda n: _step_of(n, recipe))
+            snapshots = {name: r[name][target_key(c)] for name in students}
+            evaluator = {name: r[name]["evaluator"]["score"] for name in students if "evaluator" in r[name]}
             rows.append({"seed": s, "teacher@50": r[REFERENCE]["fd_mean"], "teacher@4": r["teacher@4"]["fd_mean"],
                          "student": r["student@4"]["fd_mean"],
                          "teacher@4 to t50": r["teacher@4"]["fd_ref_mean"], "student to t50": r["student@4"]["fd_ref_mean"],
                          "t50 floor": r["teacher@50 (2nd draw)"]["fd_ref_mean"],
                          "undistilled to t50": r["undistilled@4"]["fd_ref_mean"],
-                         "snapshots": snapshots, "run_criteria_ok": all(v["ok"] for v in report["criteria"].values()),
+                         "snapshots": snapshots, "evaluator": evaluator, "run_criteria_ok": all(v["ok"] for v in report["criteria"].values()),
                          "failed_criteria": [k for k, v in report["criteria"].items() if not v["ok"]]})
-        out["settings"][f"{c:g}"] = {"rows": rows, "missing_seeds": missing, "verdict": verdict(rows, c) if rows else {}}
+        out["settings"][f"{c:g}"] = {"rows": rows, "missing_seeds": missing, "verdict": verdict(rows, c) if rows else {},
+                                     "evaluator": evaluator_agreement(rows)}
     return out
+
+
+def _step_of(name: str, recipe_step: int) -> int:
+    """'student@4, DMD step 600' -> 600; 'student@4' (the recipe's student) -> the recipe's step."""
+    return int(name.rsplit(" ", 1)[1]) if name.startswith("student@4, DMD step ") else recipe_step
+
+
+def _ranks(x: list[float]) -> np.ndarray:
+    """Ranks from 0, ties sharing their mean rank."""
+    x = np.asarray(x, dtype=float)
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(len(x))
+    ranks[order] = np.arange(len(x))
+    for value in np.unique(x):
+        ranks[x == value] = ranks[x == value].mean()
+    return ranks
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Rank correlation; nan when either side has no spread (all tied)."""
+    ra, rb = _ranks(a), _ranks(b)
+    return float(np.corrcoef(ra, rb)[0, 1]) if len(a) > 1 and ra.std() > 0 and rb.std() > 0 else float("nan")
+
+
+def evaluator_agreement(rows: list[dict]) -> dict:
+    """Issue 17's check on each run: the snapshot distill/eval_metrics.py ranks best (it never sees the
+    truth) against the judge's best (the setting's FD); within 5% and the Spearman of the two rankings."""
+    out = []
+    for row in rows:
+        names = [n for n in row["snapshots"] if n in row["evaluator"]]
+        if len(names) < 2:
+            continue
+        judge = [row["snapshots"][n] for n in names]
+        picked = names[int(np.argmin([row["evaluator"][n] for n in names]))]
+        out.append({"seed": row["seed"], "picked": picked, "picked_fd": row["snapshots"][picked], "best_fd": min(judge),
+                    "within_5pct": bool(row["snapshots"][picked] <= 1.05 * min(judge)),
+                    "spearman": spearman([row["evaluator"][n] for n in names], judge)})
+    return {"runs": out, "all_within_5pct": all(r["within_5pct"] for r in out),
+            "mean_spearman": float(np.nanmean([r["spearman"] for r in out])) if out else float("nan")}
 
 
 def verdict(rows: list[dict], cfg: float) -> dict[str, dict]:
@@ -168,6 +211,11 @@ def markdown(summary: dict) -> str:
         lines.append("")
         for name, check in setting["verdict"].items():
             lines.append(f"- {'PASS' if check['ok'] else 'FAIL'} {name}: {check['value']:.3f}")
+        agreement = setting["evaluator"]
+        for run in agreement["runs"]:
+            lines.append(f"- evaluator (seed {run['seed']}): picks {run['picked']} at FD {run['picked_fd']:.3f}, "
+                         f"the judge's best {run['best_fd']:.3f} ({'within' if run['within_5pct'] else 'NOT within'} 5%), "
+                         f"Spearman {run['spearman']:.2f}")
         lines.append("")
     return "\n".join(lines)
 
