@@ -352,7 +352,7 @@ def main():
         else:
             gen_mean = sum(timed(lambda: generator_step(k), 1) for k in range(4)) / 4     # exit index ~ U{0..3}
             critic_mean = sum(timed(lambda: critic_step(k), 1) for k in range(4)) / 4
-        row = {"world": world, "device": results["device"], "grid": name, "zero3_leaf_modules": cfg.model.zero3_leaf_modules, "deepcompile": args.deepcompile,
+        row = {"world": world, "device": results["device"], "layers": args.layers, "grid": name, "zero3_leaf_modules": cfg.model.zero3_leaf_modules, "deepcompile": args.deepcompile,
                "stack_teacher_passes": cfg.dmd.stack_teacher_passes, "video_tokens": n_v, "batch_per_gpu": batch_size, "teacher": cfg.model.teacher_sharding,
                "generator_s": gen, "critic_s": critic,
                "generator_tflops_per_gpu": 7 * forward / gen / 1e12, "critic_tflops_per_gpu": 5 * forward / critic / 1e12,

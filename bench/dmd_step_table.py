@@ -5,6 +5,7 @@ same blocks without DeepSpeed (`--reference`), as JSON, and a markdown table.
     python bench/dmd_step_table.py --runs issue19=new.json main=base.json --probes probe_*.jsonl \\
         --out bench/results/dmd_step_1xh100_issue19.json
 
+A run may also be given as the log of its stdout (the rows it printed before it stopped).
 A run without its own reference (e.g. the code before the change, timed without --reference on
 the same machine) takes the reference of the first run that has one: the plain blocks are the
 same code in both.
@@ -27,6 +28,17 @@ def load_probes(paths) -> dict[int, dict]:
     return out
 
 
+def load_run(path: Path) -> dict:
+    text = path.read_text()
+    if path.suffix == ".json":
+        return json.loads(text)
+    rows = [row for row in (json.loads(line) for line in text.splitlines() if line.startswith("{"))
+            if "generator_s" in row]
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    return {key: rows[0].get(key) for key in ("world", "device", "layers")} | {"rows": rows}
+
+
 def references(runs: dict[str, dict]) -> dict[tuple[str, int], tuple[float, float]]:
     out = {}
     for result in runs.values():
@@ -45,7 +57,7 @@ def table_rows(runs: dict[str, dict], probes: dict[int, dict]) -> list[dict]:
             ref = plain.get((r["grid"], r["batch_per_gpu"]))
             rows.append({
                 "code": code, "world": r.get("world", result["world"]), "device": r.get("device", result["device"]),
-                "layers": result["layers"], "grid": r["grid"], "batch_per_gpu": r["batch_per_gpu"],
+                "layers": r.get("layers", result["layers"]), "grid": r["grid"], "batch_per_gpu": r["batch_per_gpu"],
                 "generator_s": r["generator_s"], "critic_s": r["critic_s"],
                 "generator_tflops_per_gpu": r["generator_tflops_per_gpu"], "critic_tflops_per_gpu": r["critic_tflops_per_gpu"],
                 "generator_ratio_to_probe": r["generator_tflops_per_gpu"] / probe["gen"]["tflops_per_gpu"] if probe else None,
@@ -88,7 +100,7 @@ def main():
     parser.add_argument("--probes", nargs="+", default=[])
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    runs = {label: json.loads(Path(path).read_text()) for label, path in (a.split("=", 1) for a in args.runs)}
+    runs = {label: load_run(Path(path)) for label, path in (a.split("=", 1) for a in args.runs)}
     probes = load_probes(args.probes)
     rows = table_rows(runs, probes)
     Path(args.out).write_text(json.dumps({"probes": probes, "rows": rows}, indent=1))
