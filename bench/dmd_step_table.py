@@ -7,8 +7,8 @@ same blocks without DeepSpeed (`--reference`), as JSON, and a markdown table.
 
 A run may also be given as the log of its stdout (the rows it printed before it stopped).
 A run without its own reference (e.g. the code before the change, timed without --reference on
-the same machine) takes the reference of the first run that has one: the plain blocks are the
-same code in both.
+the same machine) takes the reference of the first run that has one, or of `--references` logs:
+the plain blocks are the same code in both.
 """
 from __future__ import annotations
 
@@ -39,8 +39,21 @@ def load_run(path: Path) -> dict:
     return {key: rows[0].get(key) for key in ("world", "device", "layers")} | {"rows": rows}
 
 
-def references(runs: dict[str, dict]) -> dict[tuple[str, int], tuple[float, float]]:
+def logged_references(paths) -> dict[tuple[str, int], tuple[float, float]]:
+    """(grid, batch) -> plain generator / critic step s, from the `{"plain_reference": ...}` lines
+    that bench/dmd_step.py --reference prints (a run stopped early still printed them)."""
     out = {}
+    for path in paths:
+        for line in Path(path).read_text().splitlines():
+            if line.startswith('{"plain_reference"'):
+                r = json.loads(line)
+                f, fb = r["forward_s"], r["forward_backward_ckpt_s"]
+                out[r["plain_reference"], r.get("batch_per_gpu", 1)] = (3 * f + fb, f + fb)
+    return out
+
+
+def references(runs: dict[str, dict], logged: dict | None = None) -> dict[tuple[str, int], tuple[float, float]]:
+    out = dict(logged or {})
     for result in runs.values():
         for r in result["rows"]:
             if "plain_generator_s" in r:
@@ -48,8 +61,8 @@ def references(runs: dict[str, dict]) -> dict[tuple[str, int], tuple[float, floa
     return out
 
 
-def table_rows(runs: dict[str, dict], probes: dict[int, dict]) -> list[dict]:
-    plain = references(runs)
+def table_rows(runs: dict[str, dict], probes: dict[int, dict], logged: dict | None = None) -> list[dict]:
+    plain = references(runs, logged)
     rows = []
     for code, result in runs.items():
         for r in result["rows"]:
@@ -98,11 +111,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", nargs="+", required=True, help="LABEL=dmd_step.json, in table order")
     parser.add_argument("--probes", nargs="+", default=[])
+    parser.add_argument("--references", nargs="+", default=[], help="logs with dmd_step --reference lines")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     runs = {label: load_run(Path(path)) for label, path in (a.split("=", 1) for a in args.runs)}
     probes = load_probes(args.probes)
-    rows = table_rows(runs, probes)
+    rows = table_rows(runs, probes, logged_references(args.references))
     Path(args.out).write_text(json.dumps({"probes": probes, "rows": rows}, indent=1))
     print(markdown(rows, probes))
 
