@@ -6,14 +6,17 @@ and 704×1280 (27,280) + 157 audio tokens, `--batches` samples per GPU.
     torchrun --nproc_per_node 2 bench/dmd_step.py --layers 8 --batches 1 2 --teacher both --out dmd_step.json
     torchrun --nproc_per_node 2 bench/dmd_step.py --smoke      # CPU, tiny width: checks the script
 
-Diagnostics: --comm-test (NCCL bandwidth), --reference (the same blocks without DeepSpeed),
---breakdown (per-phase seconds, synced), --profile DIR (torch.profiler + cProfile tables),
+Diagnostics: --comm-test (NCCL bandwidth), --reference (the same blocks without DeepSpeed, at
+each grid and batch), --breakdown (per-phase seconds, synced), --profile DIR (torch.profiler +
+cProfile tables; --profile-rows N: only the first N rows), --sync-check (every host sync of one
+generator and one critic step, counted per call site, CUDA only),
 --per-linear-fetch (DeepSpeed's default fetch units instead of whole attention/MLP modules),
 --stack-teacher off|on|both (the teacher's two passes apart / as one forward at 2B / time each),
 --ds-config FILE (another DeepSpeed JSON; the row records its zero_optimization section),
 --deepcompile fake_score|generator|both (DeepSpeed's DeepCompile on those engines; with DeepSpeed
 0.19.8 and torch 2.11 it fails in every form tried, with and without --per-linear-fetch: bench/RESULTS.md).
 
+Steps go through the trainer's own `update` (distill/train.py: the NaN guard, backward, step).
 Exit index 0 makes the step's passes match the three-engine probe's (generator: 3 no-grad
 forwards + one checkpointed fwd+bwd = 7 forward-equivalents; critic: 1 + 4 = 5), so achieved
 TFLOP/s (hardware FLOPs incl. recompute, per GPU) compare directly. The mean over the random
@@ -29,7 +32,9 @@ import os
 import pstats
 import sys
 import time
-from collections import defaultdict
+import traceback
+import warnings
+from collections import Counter, defaultdict
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -44,6 +49,7 @@ from distill import dmd
 from distill.batch import Batch
 from distill.config import load_config
 from distill.engines import build_engines, engine_configs, replicated_teacher
+from distill.train import update
 
 GRIDS = {"720x720": (31, 44, 44), "704x1280": (31, 44, 80)}
 AUDIO, TEXT = 157, 512
@@ -107,7 +113,7 @@ def comm_test(device) -> dict:
     return out
 
 
-def plain_reference(layers, grid, device, iters):
+def plain_reference(layers, grid, device, iters, batch_size=1):
     """The same OviFusion blocks without DeepSpeed (one GPU, bf16, random weights, compiled
     element-wise ops): the time of a no-grad forward and of a checkpointed forward+backward,
     i.e. the compute a DMD step cannot avoid."""
@@ -120,8 +126,8 @@ def plain_reference(layers, grid, device, iters):
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.02)
     model.gradient_checkpointing = True
-    batch = synthetic_batch(grid, model.cfg.video.text_len, model.cfg.video.text_dim, device, torch.bfloat16)
-    t = torch.full((1,), 500.0, device=device)
+    batch = synthetic_batch(grid, model.cfg.video.text_len, model.cfg.video.text_dim, device, torch.bfloat16, batch_size)
+    t = torch.full((batch_size,), 500.0, device=device)
     args = (batch.video, batch.audio, t, batch.text, batch.text)
 
     def forward():
@@ -139,6 +145,58 @@ def plain_reference(layers, grid, device, iters):
         out[name] = timed(fn, iters)
     del model
     torch.cuda.empty_cache()
+    return out
+
+
+def _site(frame) -> str:
+    path = frame.filename.replace("\\", "/")
+    for root in ("/distill/", "/bench/", "/deepspeed/", "/torch/"):
+        if root in path:
+            path = root.strip("/") + "/" + path.split(root, 1)[1]
+            break
+    return f"{path}:{frame.lineno} ({frame.name})"
+
+
+def host_syncs(fn) -> dict[str, int]:
+    """Every synchronizing CUDA call fn makes (torch's sync debug mode), counted per call site:
+    'innermost frame <- innermost frame of this repository'. Each one makes the host wait until
+    the GPU has drained its queue, so the GPU then idles while the host issues the next kernels."""
+    sites = Counter()
+    repo = str(Path(__file__).resolve().parents[1])
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        stack = [f for f in traceback.extract_stack()[:-1] if "/warnings.py" not in f.filename]
+        ours = next((f for f in reversed(stack) if f.filename.startswith(repo)), None)
+        sites[_site(stack[-1]) + (f" <- {_site(ours)}" if ours is not None and ours is not stack[-1] else "")] += 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return dict(sites.most_common())
+
+
+def sync_check(generator_step, critic_step, iters) -> dict:
+    """Host syncs of one step of each kind, then the same with DeepSpeed's own single-rank fetch
+    wait (distill/zero3_fetch.py undone), with both steps' times: the patch's effect in one process."""
+    from distill import zero3_fetch
+    out = {}
+    for label, undo in (("", False), ("_deepspeed_wait", True)):
+        if undo:
+            zero3_fetch.restore_single_rank_fetch_sync()
+        sync()
+        out[f"host_syncs_generator_step{label}"] = host_syncs(lambda: generator_step(0))
+        sync()
+        out[f"host_syncs_critic_step{label}"] = host_syncs(lambda: critic_step(0))
+        sync()
+        if undo:
+            out["generator_s_deepspeed_wait"] = timed(lambda: generator_step(0), iters)
+            out["critic_s_deepspeed_wait"] = timed(lambda: critic_step(0), iters)
+    zero3_fetch.skip_single_rank_fetch_sync()
     return out
 
 
@@ -213,6 +271,8 @@ def main():
     parser.add_argument("--breakdown", action="store_true", help="per-phase seconds (synced) of one generator and one critic step")
     parser.add_argument("--profile", default=None, help="folder: torch.profiler + cProfile tables of one step of each kind (rank 0)")
     parser.add_argument("--reference", action="store_true", help="time the same blocks without DeepSpeed first")
+    parser.add_argument("--profile-rows", type=int, default=None, help="with --profile: only the first N rows")
+    parser.add_argument("--sync-check", action="store_true", help="count host syncs of one step of each kind (first row, CUDA)")
     parser.add_argument("--per-linear-fetch", action="store_true", help="model.zero3_leaf_modules=false")
     parser.add_argument("--batches", type=int, nargs="+", default=[1], help="samples per GPU")
     parser.add_argument("--teacher", choices=["zero3", "replicated", "both"], default="zero3",
@@ -241,10 +301,10 @@ def main():
         if rank == 0:
             print(json.dumps({"comm": comm}), flush=True)
     if args.reference and cuda:
-        for name, grid in grids.items():
-            reference[name] = plain_reference(args.layers, grid, device, args.iters)
+        for (name, grid), batch_size in [(g, b) for g in grids.items() for b in args.batches]:
+            reference[name, batch_size] = plain_reference(args.layers, grid, device, args.iters, batch_size)
             if rank == 0:
-                print(json.dumps({"plain_reference": name, **reference[name]}), flush=True)
+                print(json.dumps({"plain_reference": name, "batch_per_gpu": batch_size, **reference[name, batch_size]}), flush=True)
     cfg = load_config(None, [f"model.variant={variant}", "model.random_init=true", f"model.num_layers={args.layers}",
                              "ema.enabled=true", "dmd.slg_block=1", "log.wandb_mode=disabled",
                              f"model.teacher_sharding={'replicated' if args.teacher == 'replicated' else 'zero3'}",
@@ -273,14 +333,12 @@ def main():
 
         def generator_step(exit_index, teacher=engines.teacher, dmd_cfg=cfg.dmd):
             loss, _ = dmd.generator_loss(engines.generator, engines.fake_score, teacher, batch, exit_index, dmd_cfg, rng)
-            engines.generator.backward(loss)
-            engines.generator.step()
-            engines.ema.update(10**9)
+            if bool(update(engines.generator, loss)):  # read after the step, as the trainer does
+                engines.ema.update(10**9)
 
         def critic_step(exit_index):
             loss, _ = dmd.critic_loss(engines.generator, engines.fake_score, batch, exit_index, cfg.dmd, rng)
-            engines.fake_score.backward(loss)
-            engines.fake_score.step()
+            bool(update(engines.fake_score, loss))
 
         if cuda:
             torch.cuda.reset_peak_memory_stats()
@@ -294,7 +352,7 @@ def main():
         else:
             gen_mean = sum(timed(lambda: generator_step(k), 1) for k in range(4)) / 4     # exit index ~ U{0..3}
             critic_mean = sum(timed(lambda: critic_step(k), 1) for k in range(4)) / 4
-        row = {"grid": name, "zero3_leaf_modules": cfg.model.zero3_leaf_modules, "deepcompile": args.deepcompile,
+        row = {"world": world, "device": results["device"], "layers": args.layers, "grid": name, "zero3_leaf_modules": cfg.model.zero3_leaf_modules, "deepcompile": args.deepcompile,
                "stack_teacher_passes": cfg.dmd.stack_teacher_passes, "video_tokens": n_v, "batch_per_gpu": batch_size, "teacher": cfg.model.teacher_sharding,
                "generator_s": gen, "critic_s": critic,
                "generator_tflops_per_gpu": 7 * forward / gen / 1e12, "critic_tflops_per_gpu": 5 * forward / critic / 1e12,
@@ -313,10 +371,17 @@ def main():
             row["generator_s_replicated_teacher"] = timed(lambda: generator_step(0, other), args.iters)
             row["generator_tflops_per_gpu_replicated_teacher"] = 7 * forward / row["generator_s_replicated_teacher"] / 1e12
             row["cycle_s_replicated_teacher"] = gen_mean - gen + row["generator_s_replicated_teacher"] + 5 * critic_mean
-        if name in reference and batch_size == 1:
-            ref = reference[name]
+        if (name, batch_size) in reference:
+            ref = reference[name, batch_size]
             row["plain_generator_s"] = 3 * ref["forward_s"] + ref["forward_backward_ckpt_s"]
             row["plain_critic_s"] = ref["forward_s"] + ref["forward_backward_ckpt_s"]
+            row["generator_ratio_to_reference"] = row["plain_generator_s"] / gen
+            row["critic_ratio_to_reference"] = row["plain_critic_s"] / critic
+        if args.sync_check and cuda and not results["rows"]:
+            try:  # a diagnostic: its failure must not cost the row
+                row.update(sync_check(generator_step, critic_step, args.iters))
+            except Exception as err:  # noqa: BLE001
+                row["sync_check_error"] = f"{type(err).__name__}: {err}"
         if args.breakdown:
             clock = PhaseClock()
             g, f, t = engines.generator, engines.fake_score, engines.teacher
@@ -336,7 +401,7 @@ def main():
                     with clock.phase("F optimizer step"):
                         f.step()
             row["breakdown_s"] = {k: v / args.iters for k, v in clock.seconds.items()}
-        if args.profile:
+        if args.profile and (args.profile_rows is None or len(results["rows"]) < args.profile_rows):
             folder = Path(args.profile)
             folder.mkdir(parents=True, exist_ok=True)
             for kind, fn in (("generator", lambda: generator_step(0)), ("critic", lambda: critic_step(0))):

@@ -147,13 +147,22 @@ def predict(
     i2v = image_latent is not None
     x_video = pin_first_frame(x_video, image_latent)
     batch = x_video.shape[0]
-    t = torch.as_tensor(timestep_from_sigma(sigma), dtype=torch.float32, device=x_video.device).expand(batch)
+    t = _timesteps(sigma, batch, x_video.device)
     extra = {} if skip_samples is None else {"skip_samples": skip_samples}  # only the stacked teacher pass needs it
     v_video, v_audio = model(x_video, x_audio, t, text_video, text_audio, first_frame_clean=i2v, skip_block=skip_block,
                              **extra)
     x0_video = pin_first_frame(x0_from_velocity(x_video, v_video, sigma).to(LATENT_DTYPE), image_latent)
     x0_audio = x0_from_velocity(x_audio, v_audio, sigma).to(LATENT_DTYPE)
     return x0_video, x0_audio, v_video, v_audio
+
+
+def _timesteps(sigma: Sigma, batch: int, device: torch.device) -> Tensor:
+    """t [B] float32 on the device. A float σ becomes a fill kernel: `torch.as_tensor(float,
+    device=cuda)` would copy from the host and wait for the GPU's queue to drain."""
+    t = timestep_from_sigma(sigma)
+    if isinstance(t, Tensor):
+        return t.to(device=device, dtype=torch.float32).expand(batch)
+    return torch.full((batch,), t, dtype=torch.float32, device=device)
 
 
 def _counted(video: Tensor, i2v: bool) -> Tensor:

@@ -21,6 +21,7 @@ from .models import OviFusion, init_weights, variant_config
 from .models.layers import FusedCrossAttention, SelfAttention, compile_elementwise_ops
 from .models.loading import load_ovi_checkpoint, load_ovi_checkpoint_zero3, load_state_zero3
 from .schedules import SCHEDULER_IN_DS_CONFIG
+from .zero3_fetch import skip_single_rank_fetch_sync
 
 FUSION_PARAM_MARKERS = ("k_fusion", "v_fusion", "pre_attn_norm_fusion", "norm_k_fusion")
 
@@ -191,6 +192,7 @@ def build_engines(cfg: TrainConfig, ds_config: dict) -> Engines:
     use_compile = cfg.model.compile_elementwise
     if use_compile if use_compile is not None else torch.cuda.is_available():
         compile_elementwise_ops()
+    skip_single_rank_fetch_sync()
     configs = engine_configs(ds_config, cfg)
 
     def trained(name: str, optim: OptimConfig):

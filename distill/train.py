@@ -100,54 +100,66 @@ class StopFlag:
         return bool(flag.item())
 
 
-def broadcast_exit_index(rng: torch.Generator, n_steps: int, device) -> int:
-    """Every ZeRO-3 rank must run the same number of student forwards: rank 0 draws, all use it."""
-    value = torch.tensor([dmd.draw_exit_index(rng, n_steps) if dist.get_rank() == 0 else 0], device=device)
-    dist.broadcast(value, src=0)
-    return int(value.item())
+def share_exit_rng(rng: torch.Generator) -> None:
+    """Every ZeRO-3 rank must run the same number of student forwards, so every rank draws the exit
+    index from the same CPU generator (seeded alike, advanced alike: no collective per step). Once
+    after a resume, rank 0's state is copied to all ranks, so that checkpoints written when only
+    rank 0 drew resume in step too."""
+    box = [rng.get_state()]
+    dist.broadcast_object_list(box, src=0)
+    rng.set_state(box[0])
 
 
-def all_finite(loss: torch.Tensor) -> bool:
+def finite_on_every_rank(loss: torch.Tensor) -> torch.Tensor:
+    """1-element bool tensor on the loss's device: the loss is finite on every rank. Reduced on
+    the device and not read here, so the host keeps queueing the backward."""
     flag = torch.isfinite(loss.detach()).float().reshape(1)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
+    return flag > 0
 
 
-def update(engine, loss) -> bool:
-    """Backward and step unless any rank's loss is NaN/Inf; then the step is skipped everywhere."""
-    if not all_finite(loss):
-        return False
-    engine.backward(loss)
+def update(engine, loss) -> torch.Tensor:
+    """Backward and step, skipped on every rank if any rank's loss is NaN/Inf. Returns that flag
+    (a device tensor; read it after the step).
+
+    The skip needs no host read: where any loss is non-finite, every rank back-propagates
+    loss·NaN, so every gradient is NaN, the global gradient norm (reduced over the ranks) is
+    NaN, and DeepSpeed's ZeRO-3 step discards the update and the gradients on every rank
+    (`is_invalid_grad_norm`). DeepSpeed's step reads that norm on the host anyway, so the flag
+    is complete by the time the caller reads it."""
+    ok = finite_on_every_rank(loss)
+    poison = torch.where(ok, 1.0, float("nan")).to(loss.dtype).reshape(loss.shape)
+    engine.backward(loss * poison)
     engine.step()
-    return True
+    return ok
 
 
 def train_step(step: int, engines, batches, pairs, dmd_cfg, rngs, device, cfg: TrainConfig) -> tuple[dict, bool]:
     """One step; returns (metrics as tensors/numbers, every update finite). `pairs` (or None) turns
     the generator's data batch into a batch of teacher pairs of the same mode."""
-    metrics, ok = {}, True
+    metrics, flags = {}, []
     n_steps = dmd_cfg.n_steps
     if cfg.objective == "flow":
         loss, m = dmd.flow_loss(engines.generator, next(batches).to(device), dmd_cfg, rngs["noise"])
-        ok = update(engines.generator, loss)
-        return {**m, "forward_passes": 1}, ok
+        flags.append(update(engines.generator, loss))
+        return {**m, "forward_passes": 1}, all(bool(f) for f in flags)
     passes = 0
     if dmd.is_generator_step(step, dmd_cfg):
-        exit_index = broadcast_exit_index(rngs["exit"], n_steps, device)
+        exit_index = dmd.draw_exit_index(rngs["exit"], n_steps)
         batch = next(batches) if pairs is None else pairs(next(batches))
         loss, m = dmd.generator_loss(engines.generator, engines.fake_score, engines.teacher,
                                      batch.to(device), exit_index, dmd_cfg, rngs["noise"])
-        ok = update(engines.generator, loss)
+        flags.append(update(engines.generator, loss))
         metrics.update({f"generator/{k}": v for k, v in m.items()})
         metrics["generator/grad_norm"] = engines.generator.get_global_grad_norm()
         passes += exit_index + 1 + 1 + 2
-    exit_index = broadcast_exit_index(rngs["exit"], n_steps, device)
+    exit_index = dmd.draw_exit_index(rngs["exit"], n_steps)
     loss, m = dmd.critic_loss(engines.generator, engines.fake_score, next(batches).to(device), exit_index, dmd_cfg, rngs["noise"])
-    ok = update(engines.fake_score, loss) and ok
+    flags.append(update(engines.fake_score, loss))
     metrics.update({f"critic/{k}": v for k, v in m.items()})
     metrics["critic/grad_norm"] = engines.fake_score.get_global_grad_norm()
     metrics["forward_passes"] = passes + exit_index + 1 + 1
-    return metrics, ok
+    return metrics, all(bool(f) for f in flags)  # read after the last step (see `update`)
 
 
 def schedule_learning_rates(step: int, engines, cfg: TrainConfig) -> dict[str, float]:
@@ -208,6 +220,7 @@ def main(argv=None) -> int:
         trainer_state, rank_state = checkpoint.load(path, engines)
         state = {k: trainer_state[k] for k in state}
         checkpoint.set_rng_state(rank_state["rng"], rngs)
+        share_exit_rng(rngs["exit"])
         batches.load_state_dict(rank_state["data"])
         if pairs is not None:
             pairs.load_state_dict(rank_state["pairs"])
