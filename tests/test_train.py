@@ -23,7 +23,7 @@ def losses(run) -> dict[int, dict]:
     for line in (run / "metrics.jsonl").read_text().splitlines():
         row = json.loads(line)
         rows[row["step"]] = {k: v for k, v in row.items()
-                             if "loss" in k or "sigma" in k or "grad_norm" in k or k.startswith("lr/")}
+                             if "loss" in k or "sigma" in k or "grad_norm" in k or "regression" in k or k.startswith("lr/")}
     return rows
 
 
@@ -86,6 +86,43 @@ def test_resume_is_bit_identical_and_export_loads(dataset, tiny_run, tmp_path):
     (["model.variant=960x960_5s"], "model.checkpoint"),
 ])
 def test_bad_config_stops_before_any_work(dataset, tmp_path, extra, needle):
+    proc = subprocess.run([sys.executable, str(TRAIN), "--deepspeed", "ds_configs/zero3_cpu.json", "--config",
+                           "distill/configs/tiny.yaml", "--data", str(dataset), "--out", str(tmp_path / "run"), *extra],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and needle in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_pairs(dataset, tmp_path_factory):
+    """Teacher pairs of the tiny dataset (distill/pairs.py with the tiny recipe: its CFG 4/3 and SLG block 1)."""
+    out = tmp_path_factory.mktemp("tiny_pairs") / "pairs"
+    subprocess.run([sys.executable, "distill/pairs.py", "--config", "distill/configs/tiny.yaml", "--data", str(dataset),
+                    "--out", str(out), "--steps", "3", "--dtype", "float32"], cwd=REPO, check=True, capture_output=True,
+                   timeout=600)
+    return out
+
+
+def test_regression_on_teacher_pairs_trains_and_resumes_bit_identically(dataset, tiny_pairs, tmp_path):
+    pairs = ("dmd.regression_weight=1.0", "dmd.renoise=implied", f"data.pairs={tiny_pairs}")
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    train_tiny(dataset, whole, "--max-steps", "6", *pairs)
+    train_tiny(dataset, split, "--max-steps", "3", *pairs)
+    train_tiny(dataset, split, "--max-steps", "6", "--resume", *pairs)
+    a, b = losses(whole), losses(split)
+    for step in range(3, 6):
+        assert a[step] == b[step], f"step {step} differs after resume"
+    for step in (0, 5):   # the generator steps (critic ratio 5) regress on the pair batch of their mode
+        assert a[step]["generator/regression_video"] > 0 and a[step]["generator/regression_audio"] > 0, a[step]
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["dmd.regression_weight=1.0", "dmd.renoise=implied"], "go together"),
+    (["dmd.regression_weight=1.0", "dmd.renoise=implied", "dmd.cfg_video=2.0", "PAIRS"], "cfg_video"),
+    (["dmd.regression_weight=1.0", "PAIRS"], "renoise='implied'"),
+])
+def test_bad_pairs_settings_stop_before_any_work(dataset, tiny_pairs, tmp_path, extra, needle):
+    extra = [f"data.pairs={tiny_pairs}" if e == "PAIRS" else e for e in extra]
     proc = subprocess.run([sys.executable, str(TRAIN), "--deepspeed", "ds_configs/zero3_cpu.json", "--config",
                            "distill/configs/tiny.yaml", "--data", str(dataset), "--out", str(tmp_path / "run"), *extra],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
