@@ -16,6 +16,7 @@ class MetricsLog:
             return
         self.path = Path(out) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        drop_torn_line(self.path)
         if mode != "disabled":
             os.environ.setdefault("WANDB_SILENT", "true")
             import wandb
@@ -32,14 +33,26 @@ class MetricsLog:
         id_file.write_text(run_id)
         return run_id
 
-    def log(self, step: int, values: dict) -> None:
+    def log(self, step: int, values: dict, notes: dict | None = None) -> None:
+        """`values` (numbers) go to both; `notes` (e.g. a skipped step's sample keys) to metrics.jsonl only."""
         if not self.enabled:
             return
         with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **values}) + "\n")
+            f.write(json.dumps({"step": step, **values, **(notes or {})}) + "\n")
         if self.run is not None:
             self.run.log(values, step=step)
 
     def close(self) -> None:
         if self.run is not None:
             self.run.finish()
+
+
+def drop_torn_line(path: Path) -> None:
+    """A run killed mid-write leaves a last line without its newline; the resumed run's first
+    line would be glued onto it. Cut it off."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
