@@ -1,12 +1,13 @@
 """Fault injection at named points, for tests/test_faults.py (both stages use it, so it lives
 beside the other shared helpers; precompute never imports distill).
 
-    OVI_DMD_FAULT="kill:backward:3:1"     action:point:step[:rank]
+    OVI_DMD_FAULT="kill:backward:3:1"     action:point:step[:rank], several joined by ","
 
 `kill` sends SIGKILL to this process when rank `rank` (any rank if left out) reaches `point` at
 `step`: no handler runs, no buffer is flushed, as when the OOM killer or a lost node ends a job.
-`pause` instead creates OVI_DMD_FAULT_GATE + ".waiting" and waits until OVI_DMD_FAULT_GATE + ".go"
-exists, so a test can change files under a running job at a known step.
+`pause` instead creates OVI_DMD_FAULT_GATE + "-STEP.waiting" and waits until
+OVI_DMD_FAULT_GATE + "-STEP.go" exists, so a test can change files under a running job at a
+known step.
 
 Points: step_start (top of a training step), forward / backward / optimizer (the critic's
 update, distill/fault_hooks.py), save (a checkpoint save, after the generator's files),
@@ -50,30 +51,35 @@ class Fault:
         return cls(parts[0], parts[1], step, rank)
 
 
-def _from_env() -> Fault | None:
+def _from_env() -> tuple[Fault, ...]:
     text = os.environ.get(ENV, "").strip()
-    return Fault.parse(text) if text else None
+    return tuple(Fault.parse(part.strip()) for part in text.split(",")) if text else ()
 
 
-ACTIVE: Fault | None = _from_env()
+ACTIVE: tuple[Fault, ...] = _from_env()
 
 
 def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def _mine(fault: Fault, point: str) -> bool:
+    return fault.point == point and fault.rank in (None, _rank())
+
+
 def armed(point: str) -> bool:
     """Whether a fault is set for `point` on this rank (at some step)."""
-    return ACTIVE is not None and ACTIVE.point == point and ACTIVE.rank in (None, _rank())
+    return any(_mine(fault, point) for fault in ACTIVE)
 
 
 def reach(point: str, step: int) -> None:
     """Called where `point` happens, with the current step (or count)."""
-    if ACTIVE is None or step != ACTIVE.step or not armed(point):
-        return
-    if ACTIVE.action == "kill":
-        os.kill(os.getpid(), signal.SIGKILL)
-    gate = Path(os.environ[GATE_ENV])
-    Path(f"{gate}.waiting").touch()
-    while not Path(f"{gate}.go").exists():
-        time.sleep(0.05)
+    for fault in ACTIVE:
+        if fault.step != step or not _mine(fault, point):
+            continue
+        if fault.action == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        gate = os.environ[GATE_ENV]
+        Path(f"{gate}-{step}.waiting").touch()
+        while not Path(f"{gate}-{step}.go").exists():
+            time.sleep(0.05)
