@@ -7,6 +7,7 @@ Faults are injected with OVI_DMD_FAULT (precompute/faults.py): the process SIGKI
 named point and step, or pauses there while the test changes files under it.
 """
 import json
+import os
 import random
 import re
 import shutil
@@ -60,17 +61,20 @@ def train_args(data: Path, out: Path, *extra: str) -> list[str]:
             "log.wandb_mode=disabled", *extra]
 
 
+def _parse(line: str) -> dict | None:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:  # a line torn by a kill
+        return None
+
+
+def logged_rows(run: Path) -> list[dict]:
+    return [row for row in map(_parse, (run / "metrics.jsonl").read_text().splitlines()) if row]
+
+
 def metrics(run: Path) -> dict[int, dict]:
-    """The last row logged for each step (a resumed run logs the steps after its checkpoint again;
-    a killed run may leave a torn last line)."""
-    rows = {}
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        rows[row["step"]] = row
-    return rows
+    """The last row logged for each step (a resumed run logs the steps after its checkpoint again)."""
+    return {row["step"]: row for row in logged_rows(run)}
 
 
 def losses(run: Path) -> dict[int, dict]:
@@ -88,7 +92,8 @@ def dataset(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("faults_data")
     manifest = make_mixed_aspect_manifest(root / "clips")
     subprocess.run([sys.executable, str(ENCODE), "--manifest", str(manifest), "--shards", str(root / "data"),
-                    "--variant", "tiny", "--samples-per-shard", "1"], cwd=REPO, check=True, capture_output=True, timeout=600)
+                    "--variant", "tiny", "--samples-per-shard", "1"], cwd=REPO, check=True, capture_output=True, timeout=600,
+                   env={**os.environ, "PYTHONPATH": str(REPO)})
     return root / "data"
 
 
@@ -105,18 +110,6 @@ def test_reference_run_on_mixed_aspects_has_no_skipped_step(reference):
     assert all(row["finite"] for row in rows.values()), {s: r["finite"] for s, r in rows.items()}
     assert rows[MAX_STEPS - 1]["skipped_nonfinite"] == 0
     assert step_dirs(reference) == ["step-000003", "step-000006", "step-000008"]
-
-
-def last_logged_step(run: Path) -> int:
-    rows = [row for row in map(_parse, (run / "metrics.jsonl").read_text().splitlines()) if row]
-    return rows[-1]["step"]
-
-
-def _parse(line: str) -> dict | None:
-    try:
-        return json.loads(line)
-    except json.JSONDecodeError:  # torn by the kill
-        return None
 
 
 def test_kill9_at_five_points_then_resume_is_bit_identical(dataset, reference, tmp_path):
@@ -139,7 +132,7 @@ def test_kill9_at_five_points_then_resume_is_bit_identical(dataset, reference, t
         _, point, step, _ = fault.split(":")
         step = int(step)
         assert proc.returncode != 0 and f"return code = {KILLED}" in printed, f"{where}: the launcher did not end the job\n{printed[-3000:]}"
-        assert last_logged_step(run) == step - 1, f"{where}: the kill did not land in step {step}"
+        assert logged_rows(run)[-1]["step"] == step - 1, f"{where}: the kill did not land in step {step}"
         resume_step = max(s for s in (0, *SAVES) if s < step or (s == step and point != "save"))
         half_written = ckpts / f"step-{step:06d}" if point == "save" else None
         assert half_written is None or not (half_written / "COMPLETE").exists()
