@@ -268,9 +268,10 @@ def main(argv=None) -> int:
                 break
         state["step"] = step + 1
         seconds = time.perf_counter() - t0
-        if step % cfg.log.every == 0 or step + 1 == cfg.max_steps:
-            corrupt_samples, shard_errors = data_counters(batches, device)
-        if rank == 0 and (step % cfg.log.every == 0 or step + 1 == cfg.max_steps):
+        log_now = step % cfg.log.every == 0 or step + 1 == cfg.max_steps
+        if log_now:
+            corrupt_samples, shard_errors = data_counters(batches, device)  # collective: every rank
+        if rank == 0 and log_now:
             values = scalars(metrics)
             values.update({"step_time_s": seconds, "samples_per_s": cfg.data.batch_size * world / seconds,
                            "lr/generator": engines.generator.get_lr()[0],
