@@ -118,6 +118,7 @@ def verify(path: Path) -> None:
         if file.stat().st_size != size:
             raise CheckpointError(f"{file}: {file.stat().st_size} bytes, the checkpoint recorded {size} (truncated or rewritten)")
 
+
 def complete_steps(root: Path) -> list[Path]:
     ckpts = Path(root) / "checkpoints"
     return sorted(p for p in ckpts.glob("step-*") if (p / COMPLETE).exists()) if ckpts.exists() else []
