@@ -1,5 +1,6 @@
 """Puts precompute.faults' points inside DeepSpeed's work on the fake-score (critic) engine, which
-updates at every step: `forward` (half-way through its differentiated forward), `backward`
+updates at every step: `forward` (half-way through its differentiated forward; the `nan` action
+makes that block's output NaN there), `backward`
 (when the gradient reaches that same block) and `optimizer` (after the first parameter group's
 Adam update, before the others and before the parameters are re-partitioned).
 
@@ -30,6 +31,8 @@ def install(engines, current_step: Callable[[], int]) -> None:
         faults.reach("forward", current_step())
         if faults.armed("backward") and output.requires_grad:
             output.register_hook(lambda grad: faults.reach("backward", current_step()))
+        if faults.corrupts("forward", current_step()):
+            return output * float("nan")
 
     probe.register_forward_hook(on_forward)
     # DeepSpeed ZeRO-3 steps the wrapped torch optimizer once per parameter sub-group.

@@ -7,7 +7,8 @@ beside the other shared helpers; precompute never imports distill).
 `step`: no handler runs, no buffer is flushed, as when the OOM killer or a lost node ends a job.
 `pause` instead creates OVI_DMD_FAULT_GATE + "-STEP.waiting" and waits until
 OVI_DMD_FAULT_GATE + "-STEP.go" exists, so a test can change files under a running job at a
-known step.
+known step. `nan` makes the hook at `point` return NaN activations (a corrupted computation),
+for the points whose hook can change a value (`forward`).
 
 Points: step_start (top of a training step), forward / backward / optimizer (the critic's
 update, distill/fault_hooks.py), save (a checkpoint save, after the generator's files),
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ENV, GATE_ENV = "OVI_DMD_FAULT", "OVI_DMD_FAULT_GATE"
-ACTIONS = ("kill", "pause")
+ACTIONS = ("kill", "pause", "nan")
 
 
 class FaultSpecError(ValueError):
@@ -72,10 +73,15 @@ def armed(point: str) -> bool:
     return any(_mine(fault, point) for fault in ACTIVE)
 
 
+def corrupts(point: str, step: int) -> bool:
+    """Whether the hook at `point` must make its value NaN now."""
+    return any(f.action == "nan" and f.step == step and _mine(f, point) for f in ACTIVE)
+
+
 def reach(point: str, step: int) -> None:
     """Called where `point` happens, with the current step (or count)."""
     for fault in ACTIVE:
-        if fault.step != step or not _mine(fault, point):
+        if fault.action == "nan" or fault.step != step or not _mine(fault, point):
             continue
         if fault.action == "kill":
             os.kill(os.getpid(), signal.SIGKILL)

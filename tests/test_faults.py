@@ -208,16 +208,18 @@ def wait_for(path: Path, timeout: float) -> None:
         time.sleep(0.1)
 
 
-def test_shards_that_change_under_a_run(dataset, tmp_path):
+def test_shards_that_change_under_a_run_and_a_nan_step(dataset, tmp_path):
     """At step 2 one shard is truncated and one deleted: both are named, counted and skipped, and
-    training goes on. At step 6 every shard is deleted: the job stops with a clear error (exit 4),
-    it does not hang."""
+    training goes on. At step 4 rank 1's critic computes NaN: the step is skipped on both ranks and
+    logged with each rank's sample keys. At step 6 every shard is deleted: the job stops with a
+    clear error (exit 4), it does not hang."""
     data, gate, run = tmp_path / "data", tmp_path / "gate", tmp_path / "run"
     shutil.copytree(dataset, data)
     shards = sorted((data / "shards").glob("*.tar"))
     truncated, deleted = random.Random(FAULT_SEED).sample(shards, 2)
     job = Background(TRAIN, *train_args(data, run, "--max-steps", "12"), log=tmp_path / "train.log",
-                     env={"OVI_DMD_FAULT": "pause:step_start:2:0,pause:step_start:6:0", "OVI_DMD_FAULT_GATE": str(gate)})
+                     env={"OVI_DMD_FAULT": "pause:step_start:2:0,nan:forward:4:1,pause:step_start:6:0",
+                          "OVI_DMD_FAULT_GATE": str(gate)})
     started = time.monotonic()
     try:
         wait_for(Path(f"{gate}-2.waiting"), timeout=300)
@@ -236,7 +238,11 @@ def test_shards_that_change_under_a_run(dataset, tmp_path):
         assert f"shards/{shard.name}" in printed, f"{shard.name} is not named in the log"
     before_the_loss = metrics(run)[5]
     assert before_the_loss["data/shard_errors"] + before_the_loss["data/corrupt_samples"] >= 2, before_the_loss
-    assert all(metrics(run)[step]["finite"] for step in range(6))
+    assert [metrics(run)[step]["finite"] for step in range(6)] == [True] * 4 + [False, True]
+    keys = {row["key"] for row in pq.read_table(dataset / "index.parquet").to_pylist()}
+    held = metrics(run)[4]["skipped_keys"]
+    assert len(held) == 2 and all(len(k) == 1 and k[0] in keys for k in held), held
+    assert f"warning: step 4 skipped (NaN/Inf loss); its batches held rank 0: {held[0][0]}; rank 1: {held[1][0]}" in printed
     assert code == 4 or "exits with return code = 4" in printed, (code, printed[-3000:])
     assert "took no new sample" in printed, printed[-3000:]
 
