@@ -6,8 +6,10 @@
 #
 #   bash bench/nan_gpu_check.sh [WORKDIR]          exit 0: no skipped step; 1: some (listed)
 #
-# Env: STEPS (default 300), DS_CONFIG (default ds_configs/zero3.json), NPROC (default 1).
-# Without a GPU it runs the same on CPU (DeepSpeed's cpu accelerator, gloo): STEPS=6 checks the script.
+# Env: STEPS (default 300), DS_CONFIG (default ds_configs/zero3.json), NPROC (default 1),
+# PRECOMPUTE_ONLY=1 (stop after the shards). Without a GPU it runs the same on CPU (DeepSpeed's cpu
+# accelerator, gloo): STEPS=6 checks the script. An existing WORKDIR/data is reused, so on a GPU
+# machine without PyAV/decord: PRECOMPUTE_ONLY=1 here on a CPU box, then carry WORKDIR over.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${1:-$(mktemp -d -t nan_gpu_check.XXXXXX)}
@@ -35,11 +37,20 @@ EOF
     python precompute/encode.py --manifest "$WORK/clips/manifest.csv" --shards "$WORK/data" --variant tiny
 fi
 
+if [ "${PRECOMPUTE_ONLY:-0}" = 1 ]; then
+    echo "shards in $WORK/data"
+    exit 0
+fi
+
 rm -rf "$WORK/run"
 python -m deepspeed.launcher.runner --num_gpus "$NPROC" --master_port "${MASTER_PORT:-29517}" distill/train.py \
     --deepspeed "$DS_CONFIG" --config distill/configs/tiny.yaml --data "$WORK/data" --out "$WORK/run" \
     --max-steps "$STEPS" --save-every "$STEPS" log.wandb_mode=disabled 2>&1 | tee "$WORK/train.log" | grep -E "warning|error|saved" || true
 
+if [ ! -s "$WORK/run/metrics.jsonl" ]; then
+    echo "nan_gpu_check: training logged nothing; see $WORK/train.log"
+    exit 1
+fi
 python - "$WORK/run/metrics.jsonl" "$STEPS" "$DS_CONFIG" <<'EOF'
 import json
 import sys
