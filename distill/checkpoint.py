@@ -20,7 +20,6 @@ a crash or a full disk leaves is a missing or short file.
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from dataclasses import dataclass
