@@ -213,11 +213,15 @@ def dmd_gradient(x0: Tensor, x0_fake: Tensor, x0_real: Tensor, eps: float) -> tu
     """DMD in x0 space: g = (x0_fake − x0_real) / (mean|x̂0 − x0_real| + eps), normaliser per sample.
 
     Descending on x̂0 along −g moves it from where the critic says the student is towards where the
-    teacher says the data is. Returns (g, normaliser [B])."""
+    teacher says the data is. Returns (g, normaliser [B]).
+
+    No nan_to_num (Self-Forcing has one): the denominator is >= eps, so g is NaN/Inf only when a
+    model's prediction is, and zeroing it would hide that from the trainer's non-finite guard
+    (issue 18: a NaN fake-score prediction became a zero gradient and a "finite" generator step)."""
     x0, x0_fake, x0_real = x0.to(LOSS_DTYPE), x0_fake.to(LOSS_DTYPE), x0_real.to(LOSS_DTYPE)
     normaliser = (x0 - x0_real).abs().flatten(1).mean(dim=1)
     grad = (x0_fake - x0_real) / (normaliser.view(-1, *([1] * (x0.ndim - 1))) + eps)
-    return torch.nan_to_num(grad), normaliser
+    return grad, normaliser
 
 
 def dmd_loss(x0: Tensor, grad: Tensor) -> Tensor:

@@ -22,6 +22,7 @@ class MetricsLog:
             return
         self.path = Path(out) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        drop_torn_line(self.path)
         if mode != "disabled":
             os.environ.setdefault("WANDB_SILENT", "true")
             import wandb
@@ -43,12 +44,13 @@ class MetricsLog:
         id_file.write_text(run_id)
         return run_id
 
-    def log(self, step: int, values: dict, media: dict[str, Path] | None = None) -> None:
-        """`values` go to metrics.jsonl and wandb; `media` (name -> .png or .mp4 file) to wandb only."""
+    def log(self, step: int, values: dict, notes: dict | None = None, media: dict[str, Path] | None = None) -> None:
+        """`values` (numbers) go to metrics.jsonl and wandb; `notes` (e.g. a skipped step's sample keys)
+        to metrics.jsonl only; `media` (name -> .png or .mp4 file) to wandb only."""
         if not self.enabled:
             return
         with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **values}) + "\n")
+            f.write(json.dumps({"step": step, **values, **(notes or {})}) + "\n")
         if self.run is not None:
             row = {**values, **{name: self._media(path) for name, path in (media or {}).items()}}
             if self.step_metric:
@@ -66,3 +68,14 @@ class MetricsLog:
     def close(self) -> None:
         if self.run is not None:
             self.run.finish()
+
+
+def drop_torn_line(path: Path) -> None:
+    """A run killed mid-write leaves a last line without its newline; the resumed run's first
+    line would be glued onto it. Cut it off."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)

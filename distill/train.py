@@ -1,12 +1,16 @@
 """Stage 2: DMD distillation of Ovi (or plain flow-matching fine-tuning) under DeepSpeed ZeRO-3.
 
     deepspeed distill/train.py --deepspeed ds_configs/zero3.json --config distill/configs/ovi_720_5s.yaml \\
-        --data DATASET_DIR --out RUN_DIR [--max-steps N] [--save-every N] [--resume] [key=value ...]
+        --data DATASET_DIR --out RUN_DIR [--max-steps N] [--save-every N] [--resume [--resume-fallback]] [key=value ...]
 
 One step = one critic (fake score) update, plus one generator update every `dmd.critic_ratio`
 steps, taken first (DMD2's two-time-scale rule). The VAEs and the text encoder are never
 loaded: batches come from precompute's shards. Preemption (SIGUSR1/SIGTERM) finishes the
 current step, saves, and exits 0 so a requeued job resumes with --resume.
+
+Exit status: 0 done (or preempted and saved); 2 bad command line, config, dataset or checkpoint
+to resume (named, nothing started); 3 too many non-finite steps in a row; 4 the data ran out
+(every shard unreadable on some rank).
 """
 from __future__ import annotations
 
@@ -26,12 +30,13 @@ if __package__ in (None, ""):  # `deepspeed distill/train.py` runs this file as 
 import torch
 import torch.distributed as dist
 
-from distill import checkpoint, dmd
+from distill import checkpoint, dmd, fault_hooks
 from distill.config import ConfigError, TrainConfig, load_config, to_dict
 from distill.metrics import MetricsLog
 from distill.schedules import SCHEDULER_IN_DS_CONFIG, lr_factor
+from precompute import faults
 
-EXIT_PREEMPTED = 0
+EXIT_PREEMPTED, EXIT_USAGE, EXIT_NONFINITE, EXIT_DATA = 0, 2, 3, 4
 
 
 def parse_args(argv=None):
@@ -42,7 +47,11 @@ def parse_args(argv=None):
     parser.add_argument("--out", required=True, help="run directory: checkpoints, metrics.jsonl, wandb")
     parser.add_argument("--max-steps", type=int)
     parser.add_argument("--save-every", type=int)
-    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/latest")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from OUT/checkpoints/latest; a missing or damaged one stops the run (exit 2), naming the file")
+    parser.add_argument("--resume-fallback", action="store_true",
+                        help="with --resume: if the checkpoint latest names is missing or damaged, continue from the newest "
+                             "intact one (the damaged ones are moved to OUT/checkpoints/damaged-step-N)")
     parser.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. generator_optim.lr=1e-6")
     return parser.parse_args(argv)
@@ -62,9 +71,11 @@ def load_ds_config(path: str) -> dict:
     return cfg
 
 
-def prepare(args) -> tuple[TrainConfig, dict]:
-    """Everything that can be wrong with the command line, the config or the dataset, checked
-    before any process group or model exists."""
+def prepare(args) -> tuple[TrainConfig, dict, checkpoint.ResumePlan | None]:
+    """Everything that can be wrong with the command line, the config, the dataset or the
+    checkpoint to resume from, checked before any process group or model exists."""
+    if args.resume_fallback and not args.resume:
+        raise ConfigError("--resume-fallback needs --resume")
     overrides = list(args.overrides)
     if args.max_steps is not None:
         overrides.append(f"max_steps={args.max_steps}")
@@ -80,7 +91,8 @@ def prepare(args) -> tuple[TrainConfig, dict]:
                           f"(got dmd.regression_weight={cfg.dmd.regression_weight}, data.pairs={cfg.data.pairs!r})")
     if cfg.objective == "dmd" and cfg.data.pairs is not None:
         check_pairs(cfg.data.pairs, cfg)
-    return cfg, ds_config
+    plan = checkpoint.plan_resume(Path(args.out), args.resume_fallback) if args.resume else None
+    return cfg, ds_config, plan
 
 
 class StopFlag:
@@ -134,32 +146,53 @@ def update(engine, loss) -> torch.Tensor:
     return ok
 
 
-def train_step(step: int, engines, batches, pairs, dmd_cfg, rngs, device, cfg: TrainConfig) -> tuple[dict, bool]:
-    """One step; returns (metrics as tensors/numbers, every update finite). `pairs` (or None) turns
-    the generator's data batch into a batch of teacher pairs of the same mode."""
-    metrics, flags = {}, []
+def train_step(step: int, engines, batches, pairs, dmd_cfg, rngs, device, cfg: TrainConfig
+               ) -> tuple[dict, bool, list[str]]:
+    """One step; returns (metrics as tensors/numbers, every update finite, the sample keys it used).
+    `pairs` (or None) turns the generator's data batch into a batch of teacher pairs of the same mode."""
+    metrics, flags, keys = {}, [], []
     n_steps = dmd_cfg.n_steps
+
+    def take(batch):
+        keys.extend(batch.keys)
+        return batch.to(device)
+
     if cfg.objective == "flow":
-        loss, m = dmd.flow_loss(engines.generator, next(batches).to(device), dmd_cfg, rngs["noise"])
+        loss, m = dmd.flow_loss(engines.generator, take(next(batches)), dmd_cfg, rngs["noise"])
         flags.append(update(engines.generator, loss))
-        return {**m, "forward_passes": 1}, all(bool(f) for f in flags)
+        return {**m, "forward_passes": 1}, all(bool(f) for f in flags), keys
     passes = 0
     if dmd.is_generator_step(step, dmd_cfg):
         exit_index = dmd.draw_exit_index(rngs["exit"], n_steps)
         batch = next(batches) if pairs is None else pairs(next(batches))
         loss, m = dmd.generator_loss(engines.generator, engines.fake_score, engines.teacher,
-                                     batch.to(device), exit_index, dmd_cfg, rngs["noise"])
+                                     take(batch), exit_index, dmd_cfg, rngs["noise"])
         flags.append(update(engines.generator, loss))
         metrics.update({f"generator/{k}": v for k, v in m.items()})
         metrics["generator/grad_norm"] = engines.generator.get_global_grad_norm()
         passes += exit_index + 1 + 1 + 2
     exit_index = dmd.draw_exit_index(rngs["exit"], n_steps)
-    loss, m = dmd.critic_loss(engines.generator, engines.fake_score, next(batches).to(device), exit_index, dmd_cfg, rngs["noise"])
+    loss, m = dmd.critic_loss(engines.generator, engines.fake_score, take(next(batches)), exit_index, dmd_cfg,
+                              rngs["noise"])
     flags.append(update(engines.fake_score, loss))
     metrics.update({f"critic/{k}": v for k, v in m.items()})
     metrics["critic/grad_norm"] = engines.fake_score.get_global_grad_norm()
     metrics["forward_passes"] = passes + exit_index + 1 + 1
-    return metrics, all(bool(f) for f in flags)  # read after the last step (see `update`)
+    return metrics, all(bool(f) for f in flags), keys  # the flags are read after the last step (see `update`)
+
+
+def keys_of_every_rank(keys: list[str]) -> list[list[str]]:
+    """Collective: each rank's sample keys (called on every rank when a step is skipped)."""
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, keys)
+    return out
+
+
+def data_counters(batches, device) -> tuple[int, int]:
+    """Collective: corrupt samples and shard errors summed over the ranks."""
+    counts = torch.tensor([batches.counters.corrupt_samples, batches.counters.shard_errors], device=device, dtype=torch.float64)
+    dist.all_reduce(counts)
+    return int(counts[0].item()), int(counts[1].item())
 
 
 def schedule_learning_rates(step: int, engines, cfg: TrainConfig) -> dict[str, float]:
@@ -188,15 +221,15 @@ def scalars(metrics: dict) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        cfg, ds_config = prepare(args)
-    except (ConfigError, ValueError, FileNotFoundError) as err:
+        cfg, ds_config, plan = prepare(args)
+    except (ConfigError, ValueError, FileNotFoundError, checkpoint.CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
 
     import deepspeed
     from tqdm import tqdm
 
-    from distill.data import PairBatches, build_loader
+    from distill.data import DataError, PairBatches, build_loader
     from distill.engines import build_engines
 
     backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -209,6 +242,12 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
+    if plan is not None:
+        if rank == 0:
+            for note in checkpoint.apply_resume_plan(out, plan):
+                print(f"resume: {note}", flush=True)
+        dist.barrier()  # nobody saves before the cut-short and damaged checkpoints are out of the way
+
     engines = build_engines(cfg, ds_config)
     dmd_cfg = cfg.dmd
     batches = build_loader(args.data, cfg, rank, world)
@@ -216,7 +255,8 @@ def main(argv=None) -> int:
     rngs = {"noise": torch.Generator(device=device).manual_seed(cfg.seed * 100_003 + rank),
             "exit": torch.Generator().manual_seed(cfg.seed)}
     state = {"step": 0, "generator_updates": 0, "skipped_nonfinite": 0}
-    if args.resume and (path := checkpoint.latest(out)) is not None:
+    fault_hooks.install(engines, lambda: state["step"])
+    if plan is not None and (path := plan.path) is not None:
         trainer_state, rank_state = checkpoint.load(path, engines)
         state = {k: trainer_state[k] for k in state}
         checkpoint.set_rng_state(rank_state["rng"], rngs)
@@ -243,8 +283,16 @@ def main(argv=None) -> int:
         step = state["step"]
         t0 = time.perf_counter()
         generator_step = cfg.objective == "dmd" and dmd.is_generator_step(step, dmd_cfg)
+        faults.reach("step_start", step)
         lr = schedule_learning_rates(step, engines, cfg)
-        metrics, ok = train_step(step, engines, batches, pairs, dmd_cfg, rngs, device, cfg)
+        try:
+            metrics, ok, keys = train_step(step, engines, batches, pairs, dmd_cfg, rngs, device, cfg)
+        except DataError as err:  # every shard of this rank unreadable: stop instead of waiting forever
+            print(f"error: rank {rank}: {err}", file=sys.stderr, flush=True)
+            # The other ranks wait in this step's collectives: no barrier or clean shutdown can
+            # pair with them. Exiting lets the launcher end the job.
+            os._exit(EXIT_DATA)
+        skipped_keys = None
         if ok:
             nonfinite_in_a_row = 0
             if generator_step or cfg.objective == "flow":
@@ -254,20 +302,26 @@ def main(argv=None) -> int:
         else:
             nonfinite_in_a_row += 1
             state["skipped_nonfinite"] += 1
+            skipped_keys = keys_of_every_rank(keys)
+            if rank == 0:
+                held = "; ".join(f"rank {r}: {', '.join(k)}" for r, k in enumerate(skipped_keys))
+                print(f"warning: step {step} skipped (NaN/Inf loss); its batches held {held}", file=sys.stderr, flush=True)
             if nonfinite_in_a_row >= cfg.max_nonfinite_in_a_row:
                 print(f"error: {nonfinite_in_a_row} steps in a row with NaN/Inf losses; stopping", file=sys.stderr)
-                exit_code = 3
+                exit_code = EXIT_NONFINITE
                 break
         state["step"] = step + 1
         seconds = time.perf_counter() - t0
-        if rank == 0 and (step % cfg.log.every == 0 or step + 1 == cfg.max_steps):
+        log_now = step % cfg.log.every == 0 or step + 1 == cfg.max_steps
+        if log_now:
+            corrupt_samples, shard_errors = data_counters(batches, device)  # collective: every rank
+        if rank == 0 and log_now:
             values = scalars(metrics)
             values.update({"step_time_s": seconds, "samples_per_s": cfg.data.batch_size * world / seconds,
                            **{f"lr/{name}": value for name, value in lr.items()},
                            "skipped_nonfinite": state["skipped_nonfinite"], "finite": ok,
-                           "data/corrupt_samples": batches.counters.corrupt_samples,
-                           "data/shard_errors": batches.counters.shard_errors})
-            log.log(step, values)
+                           "data/corrupt_samples": corrupt_samples, "data/shard_errors": shard_errors})
+            log.log(step, values, notes=None if skipped_keys is None else {"skipped_keys": skipped_keys})
             bar.set_postfix({k: f"{v:.3g}" for k, v in values.items() if k.endswith("loss") and math.isfinite(v)})
         bar.update(1)
         preempted = stop.any_rank(device)

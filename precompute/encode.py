@@ -53,6 +53,7 @@ from precompute.shards import (
     read_dataset_info, read_done_rows, sample_key, write_dataset_info, write_index, write_negatives,
 )
 from precompute.variants import VARIANTS, Variant, get_variant
+from precompute import faults
 from precompute.fileio import atomic_write
 
 EXIT_OK = 0
@@ -450,6 +451,7 @@ def encode_rows(cfg: EncodeConfig, bundle: EncoderBundle, rows: list[ManifestRow
                 try:
                     writer.write(encode_clip(bundle, cfg.variant, row, clip, emb, ids))
                     written += 1
+                    faults.reach("sample_written", written)
                 except SampleError as exc:
                     failures.add(row.row, row.source_id, INVALID_SAMPLE, str(exc), row.raw)
                 except (RuntimeError, ValueError) as exc:  # torch errors (incl. CUDA OOM) on this clip

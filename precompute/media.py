@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 import torchaudio.functional as AF
 
-from precompute.variants import AUDIO_SAMPLE_RATE, FPS, Variant, snap_to_area
+from precompute.variants import AUDIO_SAMPLE_RATE, FPS, MAX_ASPECT, Variant, aspect_ok, snap_to_area
 
 # A frame is "being displayed" at t if its pts <= t + this; absorbs millisecond-rounded pts
 # (Matroska) and float32 timestamps (decord).
@@ -62,6 +62,7 @@ class Reason(str, enum.Enum):
     NO_AUDIO = "no_audio"
     TOO_SHORT = "too_short"          # the source does not cover the window
     BAD_WINDOW = "bad_window"        # the requested start/end cannot hold one clip
+    BAD_ASPECT = "bad_aspect"        # longer than MAX_ASPECT:1 either way: no bucket of the table fits it
     TIMEOUT = "timeout"              # the worker took longer than the pool's timeout and was killed
     WORKER_DIED = "worker_died"      # the worker process crashed (segfault, OOM kill)
     INTERNAL = "internal_error"      # an unexpected exception; a bug to look at
@@ -130,6 +131,14 @@ def clip_duration_s(variant: Variant) -> float:
 
 def target_frame_times(t0: float, n_frames: int) -> np.ndarray:
     return t0 + np.arange(n_frames, dtype=np.float64) / FPS
+
+
+def bucket_for(height: int, width: int, area: int, path: str) -> tuple[int, int]:
+    """The bucket of a source frame size: snap_to_area, for sizes inside the bucket table."""
+    if not aspect_ok(height, width):
+        raise ClipError(Reason.BAD_ASPECT, f"{width}x{height} is more than {MAX_ASPECT:g}:1; the bucket table "
+                                           f"(precompute/variants.py buckets) stops there", path)
+    return snap_to_area(height, width, area)
 
 
 def pick_frame_indices(frame_starts: np.ndarray, last_frame_end: float, times: np.ndarray) -> np.ndarray:
@@ -242,7 +251,7 @@ def _decode_video_decord(path: str, times: np.ndarray, area: int) -> tuple[torch
     for s in range(0, len(unique), RESIZE_CHUNK_FRAMES):
         batch = reader.get_batch(unique[s : s + RESIZE_CHUNK_FRAMES].tolist()).asnumpy()
         source_size = batch.shape[1:3]
-        chunks.append(cover_resize(batch, snap_to_area(*source_size, area)))
+        chunks.append(cover_resize(batch, bucket_for(*source_size, area, path)))
     return torch.cat(chunks)[torch.from_numpy(inverse)], source_size, stamps[idx, 0]
 
 
@@ -380,7 +389,7 @@ def decode_clip(path: str | os.PathLike, variant: Variant, start: float | None =
             backend = "pyav"
             frames, frame_times = _decode_video_pyav(path, probe.video_start, times, probe.fps)
             source_h, source_w = frames.shape[1:3]
-            pixels = cover_resize(frames, snap_to_area(source_h, source_w, variant.area))
+            pixels = cover_resize(frames, bucket_for(source_h, source_w, variant.area, path))
         bucket = (pixels.shape[2], pixels.shape[3])
         audio, padded = _decode_audio(path, probe, t0, variant.audio_samples)
     except ClipError as exc:

@@ -61,7 +61,44 @@ def get_variant(name: str) -> Variant:
         raise ValueError(f"unknown variant {name!r}; choose one of {sorted(VARIANTS)}") from None
 
 
-def snap_to_area(height: int, width: int, area: int, multiple: int = 32) -> tuple[int, int]:
+# Longest side / shortest side of a source that precompute takes (32:9 is 3.56). It bounds the
+# bucket table: without it, a 1:100 strip would make buckets (and token grids) nobody planned for.
+MAX_ASPECT = 4.0
+BUCKET_MULTIPLE = 32
+
+
+def aspect_ok(height: int, width: int) -> bool:
+    return max(height, width) <= MAX_ASPECT * min(height, width)
+
+
+def buckets(variant: Variant) -> tuple[tuple[int, int], ...]:
+    """The bucket table: every (h, w) that `snap_to_area` can give a source within MAX_ASPECT.
+
+    Before rounding, the sides are h' = sqrt(area·r) and w' = area / h' for the aspect r = h/w, so
+    h' runs over [sqrt(area / MAX_ASPECT), sqrt(area · MAX_ASPECT)]. (32i, 32j) is in the table when
+    some h' of that range rounds to i while area / h' rounds to j. The rounding intervals are taken
+    closed (a tie may round either way), so the table can only be larger than what clips reach."""
+    m, area = BUCKET_MULTIPLE, variant.area
+
+    def rounds_to(k: int) -> tuple[float, float]:  # sides that snap to k·m (everything below 1.5·m snaps to m)
+        return (0.0 if k == 1 else m * (k - 0.5)), m * (k + 0.5)
+
+    low, high = (area / MAX_ASPECT) ** 0.5, (area * MAX_ASPECT) ** 0.5
+    table = set()
+    for i in range(1, int(high / m + 0.5) + 1):
+        a, b = rounds_to(i)
+        a, b = max(a, low), min(b, high)
+        if a > b:
+            continue
+        w_low, w_high = area / b, area / a
+        for j in range(1, int(w_high / m + 0.5) + 1):
+            c, d = rounds_to(j)
+            if c <= w_high and d >= w_low:
+                table.add((m * i, m * j))
+    return tuple(sorted(table))
+
+
+def snap_to_area(height: int, width: int, area: int, multiple: int = BUCKET_MULTIPLE) -> tuple[int, int]:
     """Ovi's resolution rule: rescale (h, w) to the target area keeping the aspect ratio, then
     round each side (Python's round, i.e. banker's rounding) to a multiple of 32."""
     if height <= 0 or width <= 0:

@@ -71,13 +71,17 @@ def make_clip(
     click_at: float | None = None,
     seed: int = 0,
     audio_delay: float = 0.0,
+    audio_codec: str = "aac",
 ) -> Path:
     """Write a real video file (H.264 in yuv420p, AAC audio) and return its path. ``click_at`` is
-    a presentation time; ``audio_delay`` starts the audio track that much after the video."""
+    a presentation time; ``audio_delay`` starts the audio track that much after the video.
+    ``audio_codec="vorbis"`` (mkv, stereo) uses FFmpeg's own Vorbis encoder."""
     if container not in ("mp4", "mkv"):
         raise ValueError(f"container must be mp4 or mkv, got {container!r}")
     if channels not in (1, 2):
         raise ValueError(f"channels must be 1 or 2, got {channels}")
+    if audio_codec not in ("aac", "vorbis") or (audio_codec == "vorbis" and (container, channels) != ("mkv", 2)):
+        raise ValueError(f"audio_codec must be aac, or vorbis in a stereo mkv; got {audio_codec!r} in {container}, {channels} ch")
     path = Path(path)
     rng = np.random.default_rng(seed)
     fps = Fraction(fps)
@@ -89,9 +93,12 @@ def make_clip(
         vstream.options = {"crf": "12", "preset": "ultrafast"} if vstream.codec_context.name == "libx264" else {}
         astream = None
         if audio:
-            astream = out.add_stream("aac", rate=audio_rate)
+            astream = out.add_stream(audio_codec, rate=audio_rate)
             astream.layout = "mono" if channels == 1 else "stereo"
-            astream.bit_rate = 128_000 * channels
+            if audio_codec == "vorbis":
+                astream.codec_context.options = {"strict": "experimental"}  # FFmpeg's native encoder
+            else:
+                astream.bit_rate = 128_000 * channels
         for i in range(n_frames):
             frame = av.VideoFrame.from_ndarray(_frame_rgb(i, width, height, rng), format="rgb24")
             frame.pts = i
@@ -123,6 +130,32 @@ def make_tiny_manifest(root: Path, n_clips: int) -> Path:
     for i in range(n_clips):
         make_clip(root / f"clip{i}.mp4", seconds=0.9, fps=24, width=64, height=64, seed=i)
         rows.append(f"clip{i}.mp4,<S>line {i}<E> someone speaks. <AUDCAP>a voice<ENDAUDCAP>")
+    manifest = root / "manifest.csv"
+    manifest.write_text("\n".join(rows) + "\n")
+    return manifest
+
+
+# Clips of several aspect ratios, frame rates and audio formats (issue 18). With --variant tiny
+# they land in three buckets: 64x64, 64x96 and 96x32 (the portrait clip: one token wide).
+MIXED_ASPECT_CLIPS = (
+    dict(name="landscape_4x3.mp4", width=320, height=240, fps=24),
+    dict(name="landscape_16x9_stereo.mp4", width=480, height=270, fps=30, channels=2),
+    dict(name="square.mp4", width=256, height=256, fps=25),
+    dict(name="landscape_16x9.mp4", width=640, height=360, fps=24),
+    dict(name="portrait.mp4", width=200, height=356, fps=24),
+    dict(name="vorbis.mkv", width=320, height=240, fps=24, channels=2, container="mkv", audio_codec="vorbis"),
+)
+
+
+def make_mixed_aspect_manifest(root: Path, seconds: float = 0.9) -> Path:
+    """The clips of MIXED_ASPECT_CLIPS and their manifest.csv (precompute with --variant tiny)."""
+    root.mkdir(parents=True, exist_ok=True)
+    rows = ["video,prompt"]
+    for i, spec in enumerate(MIXED_ASPECT_CLIPS):
+        spec = dict(spec)
+        name = spec.pop("name")
+        make_clip(root / name, seconds=seconds, seed=i, **spec)
+        rows.append(f"{name},<S>line {i}<E> someone speaks. <AUDCAP>a voice<ENDAUDCAP>")
     manifest = root / "manifest.csv"
     manifest.write_text("\n".join(rows) + "\n")
     return manifest

@@ -274,6 +274,13 @@ def test_dmd_gradient_is_finite_when_the_student_matches_the_teacher():
     assert norm.item() == 0 and torch.isfinite(grad).all()
 
 
+def test_a_nan_prediction_reaches_the_loss_for_the_trainer_to_skip():
+    x, fake = torch.zeros(1, 4), torch.ones(1, 4)
+    fake[0, 2] = float("nan")
+    grad, _ = dmd_gradient(x, fake, x, eps=1e-6)
+    assert not torch.isfinite(dmd_loss(x, grad))
+
+
 # ---------------------------------------------------------------------------------------------
 # Image-to-video
 

@@ -120,6 +120,8 @@ def _bad_input(kind: str, tmp_path):
         return clips.make_silent_track_missing(tmp_path / "n.mp4", **small), {}
     if kind == "too_short":
         return clips.make_too_short(tmp_path / "s.mp4", fps=24, width=64, height=64), {}
+    if kind == "strip_9_to_1":  # outside the bucket table (precompute.variants.MAX_ASPECT)
+        return clips.make_clip(tmp_path / "strip.mp4", seconds=1.0, fps=24, width=288, height=32), {}
     good = clips.make_clip(tmp_path / "g.mp4", **small)
     window = {"start_after_end": {"start": 0.5, "end": 0.4},
               "window_shorter_than_clip": {"start": 0.0, "end": 0.5},
@@ -142,6 +144,7 @@ def _bad_input(kind: str, tmp_path):
         ("window_shorter_than_clip", Reason.BAD_WINDOW),
         ("negative_start", Reason.BAD_WINDOW),
         ("start_near_end", Reason.TOO_SHORT),
+        ("strip_9_to_1", Reason.BAD_ASPECT),
     ],
 )
 @pytest.mark.parametrize("backend", ["auto", "pyav"])

@@ -117,6 +117,40 @@ class HeadNorm(nn.Module):
         return OPS.rms_norm_heads(x, self.weight, self.eps, self.num_heads, cos, sin)
 
 
+class PatchEmbed3d(nn.Conv3d):
+    """Non-overlapping 3-D patches -> tokens [B, N, dim] in (f, h, w) raster order: Ovi's
+    Conv3d(kernel = stride = patch) with its parameters and checkpoint keys (`weight`
+    [dim, C, pt, ph, pw], `bias`), computed as one matmul over the unfolded patches.
+
+    Why not the convolution: oneDNN's bf16 Conv3d on CPU returns values it never wrote (NaN,
+    1e37, or plain wrong numbers that change from call to call) when the output is one patch
+    wide and has more than a few rows (e.g. [48, 5, 6, 2] -> 5x3x1 tokens, the 96x32 bucket of
+    the tiny variant; issue 18). A patchify is only a reshape and a GEMM, so this form gives the
+    same numbers on every backend and for every shape, with no kernel choice left to go wrong.
+    """
+
+    def __init__(self, in_dim: int, dim: int, patch: tuple[int, int, int]):
+        super().__init__(in_dim, dim, kernel_size=patch, stride=patch)
+
+    def grid(self, shape: torch.Size) -> tuple[int, int, int]:
+        """Token grid (F/pt, H/ph, W/pw) of an input [B, C, F, H, W]; sizes must divide (the
+        convolution would drop the remainder without a word)."""
+        *_, f, h, w = shape
+        pt, ph, pw = self.kernel_size
+        if f % pt or h % ph or w % pw:
+            raise ValueError(f"video latent {tuple(shape)}: (F, H, W) must be multiples of the patch {self.kernel_size}")
+        return f // pt, h // ph, w // pw
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c = x.shape[:2]
+        nf, nh, nw = self.grid(x.shape)
+        pt, ph, pw = self.kernel_size
+        patches = (x.reshape(b, c, nf, pt, nh, ph, nw, pw)
+                   .permute(0, 2, 4, 6, 1, 3, 5, 7)               # [B, f, h, w, C, pt, ph, pw]
+                   .reshape(b, nf * nh * nw, c * pt * ph * pw))
+        return F.linear(patches, self.weight.flatten(1), self.bias)
+
+
 class ChannelLastConv1d(nn.Conv1d):
     """Conv1d over [B, L, C] tokens (Ovi keeps audio latents channel-last)."""
 

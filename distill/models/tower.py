@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from .config import TowerConfig
-from .layers import ChannelLastConv1d, ConvMLP, FusionBlock, Head, Rope, conv_mlp_hidden
+from .layers import ChannelLastConv1d, ConvMLP, FusionBlock, Head, PatchEmbed3d, Rope, conv_mlp_hidden
 from .rope import rope_tables
 
 
@@ -41,7 +41,7 @@ class WanTower(nn.Module):
         self.cfg = cfg
         dim = cfg.dim
         if cfg.is_video:
-            self.patch_embedding = nn.Conv3d(cfg.in_dim, dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+            self.patch_embedding = PatchEmbed3d(cfg.in_dim, dim, cfg.patch_size)
         else:
             self.patch_embedding = nn.Sequential(
                 ChannelLastConv1d(cfg.in_dim, dim, kernel_size=7, padding=3),
@@ -60,9 +60,7 @@ class WanTower(nn.Module):
 
     def embed_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
         if self.cfg.is_video:
-            x = self.patch_embedding(x)                       # [B, dim, F, H/2, W/2]
-            grid = tuple(x.shape[2:])
-            return x.flatten(2).transpose(1, 2), grid          # tokens in (f, h, w) raster order
+            return self.patch_embedding(x), self.patch_embedding.grid(x.shape)  # tokens in (f, h, w) raster order
         return self.patch_embedding(x), (x.shape[1],)
 
     def embed_time(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
