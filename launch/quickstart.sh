@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole pipeline on this machine's CPU with tiny seeded models, in a few minutes:
-#   real mp4 clips with audio -> precompute shards -> DMD on 2 CPU ranks (DeepSpeed ZeRO-3, gloo)
-#   -> export the student (official Ovi key names) -> 4-step sample to mp4.
+#   real mp4 clips with audio -> precompute shards -> teacher pairs -> DMD with the pairs' regression
+#   term on 2 CPU ranks (DeepSpeed ZeRO-3, gloo) -> export the student (official Ovi key names)
+#   -> 4-step sample to mp4.
 # Usage: bash launch/quickstart.sh [RUN_DIR]     (default: runs/quickstart)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,7 +13,7 @@ export WANDB_MODE=offline
 mkdir -p "$RUN/clips"
 start=$(date +%s)
 
-echo "== 1/5 making clips (real H.264 + AAC mp4) in $RUN/clips"
+echo "== 1/6 making clips (real H.264 + AAC mp4) in $RUN/clips"
 python3 - "$RUN/clips" <<'PY'
 import sys
 from pathlib import Path
@@ -32,17 +33,21 @@ for i, prompt in enumerate(prompts):
 (out / "prompts.txt").write_text("\n".join(prompts[:2]) + "\n")
 PY
 
-echo "== 2/5 precompute: tiny Wan2.2 VAE, MMAudio VAE, umT5 -> shards"
+echo "== 2/6 precompute: tiny Wan2.2 VAE, MMAudio VAE, umT5 -> shards"
 python3 precompute/encode.py --manifest "$RUN/clips/manifest.csv" --shards "$RUN/data" --variant tiny
 
-echo "== 3/5 distill: DMD with three ZeRO-3 engines on 2 CPU ranks"
-python3 -m deepspeed.launcher.runner --num_gpus 2 distill/train.py --deepspeed ds_configs/zero3_cpu.json \
-    --config distill/configs/tiny.yaml --data "$RUN/data" --out "$RUN/run" --max-steps 10 --save-every 5 --resume
+echo "== 3/6 teacher pairs: the guided teacher's 50-step samples from seeded noise"
+python3 distill/pairs.py --config distill/configs/tiny.yaml --data "$RUN/data" --out "$RUN/pairs"
 
-echo "== 4/5 export the student (EMA, bf16, official key names)"
+echo "== 4/6 distill: DMD + regression on the pairs, three ZeRO-3 engines on 2 CPU ranks"
+python3 -m deepspeed.launcher.runner --num_gpus 2 distill/train.py --deepspeed ds_configs/zero3_cpu.json \
+    --config distill/configs/tiny.yaml --data "$RUN/data" --out "$RUN/run" --max-steps 10 --save-every 5 --resume \
+    dmd.regression_weight=1.0 dmd.renoise=implied data.pairs="$RUN/pairs"
+
+echo "== 5/6 export the student (EMA, bf16, official key names)"
 python3 distill/export.py --checkpoint "$RUN/run" --out "$RUN/student.safetensors"
 
-echo "== 5/5 sample 4 steps to mp4"
+echo "== 6/6 sample 4 steps to mp4"
 if [ -f distill/sample.py ]; then
   python3 distill/sample.py --student "$RUN/student.safetensors" --variant tiny --prompts "$RUN/clips/prompts.txt" \
       --out "$RUN/samples"
@@ -56,6 +61,7 @@ cat <<SUMMARY
 quickstart finished in $(( $(date +%s) - start )) s
   clips + manifest : $RUN/clips/manifest.csv
   shards           : $RUN/data/shards  (index.parquet, dataset.json, failures.jsonl beside them)
+  teacher pairs    : $RUN/pairs  (t2v/ and i2v/, each a dataset of the teacher's samples)
   training run     : $RUN/run  (metrics.jsonl, checkpoints/latest -> $(cat "$RUN/run/checkpoints/latest"))
   student          : $RUN/student.safetensors
   samples          : $samples
