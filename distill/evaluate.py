@@ -57,8 +57,8 @@ from distill.metrics import MetricsLog
 from distill.models import OviFusion, init_weights, variant_config
 from distill.models.loading import check_header, expected_entries, read_header
 from distill.sample import (
-    VOCODER_IN_CKPTS, Job, ModelSource, SampleConfig, SampleError, check_encoder_files, decode_clips,
-    encode_images, encode_prompts, job_image_sizes, load_images, load_model, load_vocoder, plan_jobs, release,
+    VOCODER_IN_CKPTS, Job, ModelSource, SampleConfig, SampleError, add_encoder_arguments, check_encoder_files,
+    decode_clips, encode_images, encode_prompts, job_image_sizes, load_images, load_model, load_vocoder, plan_jobs, release,
     resolve_device, resolve_model, sample_latents, student_sampler, write_clip,
 )
 from distill.sampling import TeacherSamplerConfig
@@ -108,12 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference-steps", type=int, default=50, help="teacher UniPC steps of the reference")
     p.add_argument("--make-reference", action="store_true", help="(re)make the teacher reference now")
     p.add_argument("--teacher", type=Path, help="teacher safetensors (default: the run's model.checkpoint)")
-    p.add_argument("--encoders", type=Path, help="a folder laid out as Ovi's ckpts/ (none: tiny runs only)")
-    p.add_argument("--wan-vae", type=Path)
-    p.add_argument("--mmaudio-vae", type=Path)
-    p.add_argument("--vocoder", type=Path, help=f"BigVGAN best_netG.pt (in ckpts: {VOCODER_IN_CKPTS})")
-    p.add_argument("--t5", type=Path)
-    p.add_argument("--tokenizer", type=Path)
+    add_encoder_arguments(p)  # none given: tiny runs only
     p.add_argument("--poll-s", type=float, default=60.0, help="--watch: seconds between looks at checkpoints/")
     p.add_argument("--max-idle-s", type=float, default=6 * 3600.0,
                    help="--watch: stop after this long without a new checkpoint (a run that died)")

@@ -97,6 +97,16 @@ class SampleConfig:
     progress: bool = True
 
 
+def add_encoder_arguments(p: argparse.ArgumentParser) -> None:
+    """The decoders' and umT5's files: one folder laid out as Ovi's ckpts/, or one flag per file."""
+    p.add_argument("--encoders", type=Path, help="a folder laid out as Ovi's ckpts/")
+    p.add_argument("--wan-vae", type=Path)
+    p.add_argument("--mmaudio-vae", type=Path)
+    p.add_argument("--vocoder", type=Path, help=f"BigVGAN best_netG.pt (in ckpts: {VOCODER_IN_CKPTS})")
+    p.add_argument("--t5", type=Path)
+    p.add_argument("--tokenizer", type=Path)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="distill/sample.py", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -122,12 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slg-block", type=int, default=TeacherSamplerConfig.slg_block, help="<= 0: no SLG")
     p.add_argument("--batch-size", type=int, default=1, help="jobs per DiT batch")
     p.add_argument("--text-batch", type=int, default=8, help="prompts per umT5 batch")
-    p.add_argument("--encoders", type=Path, help="a folder laid out as Ovi's ckpts/")
-    p.add_argument("--wan-vae", type=Path)
-    p.add_argument("--mmaudio-vae", type=Path)
-    p.add_argument("--vocoder", type=Path, help=f"BigVGAN best_netG.pt (in ckpts: {VOCODER_IN_CKPTS})")
-    p.add_argument("--t5", type=Path)
-    p.add_argument("--tokenizer", type=Path)
+    add_encoder_arguments(p)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto", help="DiT, video VAE and umT5")
     p.add_argument("--video-negative", default=DEFAULT_VIDEO_NEGATIVE)
