@@ -262,7 +262,8 @@ def test_ci_size_guided_student_beats_the_teacher_at_four_steps(tmp_path):
 
     # --teacher: distil that teacher again, no flow training (a few DMD steps, a small evaluation)
     teacher = tmp_path / "toyworld" / "teacher.safetensors"
-    quick = dataclasses.replace(size, train_per_class=16, dmd_steps=4, eval_per_class=8, truth_per_class=50, pairs=8)
+    quick = dataclasses.replace(size, train_per_class=16, dmd_steps=4, eval_per_class=8, truth_per_class=50, pairs=16,
+                                batch_size=8)
     again = tw.run("ci", tmp_path / "again", quick, teacher=teacher)
     assert again["teacher"] == str(teacher) and not (tmp_path / "again" / "teacher_run").exists()
     assert (tmp_path / "again" / "student.safetensors").is_file() and "student@4" in again["results"]
