@@ -235,7 +235,8 @@ def run(args) -> dict:
                              f"dmd.slg_block={args.slg if args.slg is not None else 'null'}",
                              f"max_steps={max(args.dmd_steps, 1)}", f"ema.start_step={args.ema_start}", *args.set])
     data = Data(world, args.per_class, seed=args.seed * 31 + 1)
-    cache = Path(args.cache) / f"teacher_seed{args.seed}_steps{args.flow_steps}.pt"
+    teacher_id = f"seed{args.seed}_steps{args.flow_steps}_batch{args.batch}_n{args.per_class}"
+    cache = Path(args.cache) / f"teacher_{teacher_id}.pt"
     t0 = time.time()
     if cache.exists():
         teacher = OviFusion(variant_config("tiny", 3))
@@ -264,7 +265,7 @@ def run(args) -> dict:
 
     pairs = None
     if cfg.dmd.regression_weight > 0:
-        pcache = Path(args.cache) / f"pairs_seed{args.seed}_cfg{args.cfg}_slg{slg}_{args.pairs_per_class}.pt"
+        pcache = Path(args.cache) / f"pairs_{teacher_id}_cfg{args.cfg}_slg{slg}_{args.pairs_per_class}.pt"
         if pcache.exists():
             pairs = torch.load(pcache, weights_only=False)
         else:
