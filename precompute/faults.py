@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 ENV, GATE_ENV = "OVI_DMD_FAULT", "OVI_DMD_FAULT_GATE"
 ACTIONS = ("kill", "pause", "nan")
+KILL_MARK = "fault: SIGKILL at"
 
 
 class FaultSpecError(ValueError):
@@ -84,6 +86,9 @@ def reach(point: str, step: int) -> None:
         if fault.action == "nan" or fault.step != step or not _mine(fault, point):
             continue
         if fault.action == "kill":
+            # Said first, because which death the launcher reports is a race: a peer blocked in a
+            # collective with this rank can fail (exit 1) before the launcher sees this one's -9.
+            print(f"{KILL_MARK} {point} step {step} rank {_rank()}", file=sys.stderr, flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
         gate = os.environ[GATE_ENV]
         Path(f"{gate}-{step}.waiting").touch()

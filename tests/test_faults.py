@@ -23,13 +23,13 @@ from clips import make_mixed_aspect_manifest, make_tiny_manifest
 from distill import checkpoint
 from launcher import REPO, Background, run_deepspeed
 from precompute.encode import rank_of, read_manifest
+from precompute.faults import KILL_MARK
 from precompute.variants import get_variant
 
 TRAIN, ENCODE = REPO / "distill" / "train.py", REPO / "precompute" / "encode.py"
 FAULT_SEED = 18
 MAX_STEPS, SAVE_EVERY = 8, 3          # saves at steps 3, 6 and 8
 SAVES = (3, 6)
-KILLED = -9                           # how the DeepSpeed launcher reports a rank that got SIGKILL
 
 
 def _kill_plan(seed: int) -> list[tuple[str, int, int]]:
@@ -129,9 +129,10 @@ def test_kill9_at_five_points_then_resume_is_bit_identical(dataset, reference, t
             assert f"removed {half_written}" in printed, f"{where}: the half-written {half_written.name} was not cleaned up"
         if fault is None:
             break
-        _, point, step, _ = fault.split(":")
+        _, point, step, rank = fault.split(":")
         step = int(step)
-        assert proc.returncode != 0 and f"return code = {KILLED}" in printed, f"{where}: the launcher did not end the job\n{printed[-3000:]}"
+        assert proc.returncode != 0 and f"{KILL_MARK} {point} step {step} rank {rank}" in printed, \
+            f"{where}: the kill did not happen there, or the launcher did not end the job\n{printed[-3000:]}"
         assert logged_rows(run)[-1]["step"] == step - 1, f"{where}: the kill did not land in step {step}"
         resume_step = max(s for s in (0, *SAVES) if s < step or (s == step and point != "save"))
         half_written = ckpts / f"step-{step:06d}" if point == "save" else None
@@ -260,7 +261,8 @@ def test_kill9_of_a_precompute_rank_mid_shard_then_rerun(tmp_path):
     args = ["--manifest", str(manifest), "--shards", str(out), "--variant", "tiny", "--samples-per-shard", "2",
             "--decode-workers", "1"]
     killed = run_deepspeed(ENCODE, *args, env={"OVI_DMD_FAULT": f"kill:sample_written:3:{victim}"}, check=False)
-    assert killed.returncode != 0 and f"return code = {KILLED}" in killed.stdout + killed.stderr, killed.stderr[-3000:]
+    assert killed.returncode != 0 and f"{KILL_MARK} sample_written step 3 rank {victim}" in killed.stdout + killed.stderr, \
+        killed.stderr[-3000:]
     assert list((out / "shards").glob(f"{victim}-*.tar.partial")), "the kill did not land mid-shard"
 
     run_deepspeed(ENCODE, *args)
