@@ -106,8 +106,11 @@ def test_precompute_preempted_requeued_and_skips_finished_shards(slurm, precompu
     text = precompute_job["out"].read_text()
     assert "preemption signal (USR1), mode requeue" in text, why
     summary = re.findall(r"encode: (\d+) written, (\d+) skipped \(already done\), (\d+) failed", text)
-    assert len(summary) == 1, why  # the first attempt was stopped before its summary
-    written, skipped, failed = map(int, summary[0])
+    # The signal goes out once the first shard is finished; on an idle machine the first attempt can
+    # finish its last clips (and print its summary) before the signal lands. Either way the requeued
+    # attempt's summary (the last) must skip what the first one finished and complete the dataset.
+    assert len(summary) in (1, 2), why
+    written, skipped, failed = map(int, summary[-1])
     assert skipped >= 1 and written + skipped == 3 and failed == 0, why
     assert json.loads((data / "dataset.json").read_text()) and len(list((data / "shards").glob("*.tar"))) == 3
     assert not list((data / "shards").glob("*.partial"))
