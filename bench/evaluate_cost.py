@@ -35,7 +35,7 @@ if __package__ in (None, ""):
 
 import torch  # noqa: E402
 
-from bench.inference import Stopwatch, build_decoders, build_dit, release  # noqa: E402
+from bench.inference import Stopwatch, build_decoders, build_dit, full_size_parser, release  # noqa: E402
 from distill.eval_metrics import checkpoint_metrics  # noqa: E402
 from distill.evaluate import store_latents, write_clips  # noqa: E402
 from distill.flow import STUDENT_SIGMAS  # noqa: E402
@@ -162,11 +162,7 @@ def table(r: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="JSON results (written after every stage)")
-    p.add_argument("--variant", default="720x720_5s")
-    p.add_argument("--device", default=None, help="default: cuda (cpu with --smoke)")
+    p = full_size_parser(__doc__)
     p.add_argument("--clips", type=int, default=8, help="prompts x seeds per checkpoint")
     p.add_argument("--num-layers", type=int, help="DiT depth (default: the variant's 30)")
     p.add_argument("--reference-steps", type=int, default=50, help="teacher steps of the reference (extrapolated to)")

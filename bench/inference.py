@@ -494,12 +494,18 @@ def table(r: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+def full_size_parser(doc: str) -> argparse.ArgumentParser:
+    """The arguments every full-size, random-weight bench shares (its docstring: title, then epilog)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], epilog=doc.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="JSON results (written after every stage)")
     p.add_argument("--variant", default="720x720_5s")
     p.add_argument("--device", default=None, help="default: cuda (cpu with --smoke)")
+    return p
+
+
+def main(argv=None) -> int:
+    p = full_size_parser(__doc__)
     p.add_argument("--teacher-steps", type=int, default=None,
                    help=f"teacher steps actually run (default {TEACHER_REFERENCE_STEPS}; 2 with --smoke); "
                         f"fewer are extrapolated to {TEACHER_REFERENCE_STEPS}")
