@@ -227,6 +227,18 @@ def save_atomic(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def finetune_on_pairs(teacher, pairs: Pairs, cfg, steps: int, batch: int, lr: float, seed: int) -> OviFusion:
+    """The teacher fine-tuned by flow matching on the guided teacher's samples (the pairs' targets)."""
+    model = copy.deepcopy(teacher).train().requires_grad_(True)
+    optim = replace(cfg.generator_optim, lr=lr, betas=(0.9, 0.999), lr_scale_video=1, lr_scale_audio=1)
+    opt = adamw(model, optim)
+    rng = torch.Generator(DEVICE).manual_seed(seed * 7919)
+    for _ in range(steps):
+        loss, _ = dmd.flow_loss(model, pairs.batch(batch), replace(cfg.dmd, flow_shift=3.0), rng)
+        clip_and_step(model, opt, loss, 1.0)
+    return model.eval().requires_grad_(False)
+
+
 def run(args) -> dict:
     torch.manual_seed(args.seed)
     world = tw.WorldConfig(num_classes=3, seed=args.seed)
@@ -264,7 +276,7 @@ def run(args) -> dict:
         print(f"{name:14s} fd_truth {r['fd_truth']:.3f} fd_ref {r['fd_ref']:.3f} means {r['feature_means']}", flush=True)
 
     pairs = None
-    if cfg.dmd.regression_weight > 0:
+    if cfg.dmd.regression_weight > 0 or args.real_score_steps > 0:
         pcache = Path(args.cache) / f"pairs_{teacher_id}_cfg{args.cfg}_slg{slg}_{args.pairs_per_class}.pt"
         if pcache.exists():
             pairs = torch.load(pcache, weights_only=False)
@@ -273,8 +285,20 @@ def run(args) -> dict:
             pairs = Pairs(teacher, world, args.pairs_per_class, args.cfg, slg, seed=args.seed * 7 + 3)
             save_atomic(pairs, pcache)
             print(f"pairs ready ({time.time() - t0:.0f} s)", flush=True)
-    generator = copy.deepcopy(teacher).train().requires_grad_(True)
-    fake = copy.deepcopy(teacher).train().requires_grad_(True)
+    real, dmd_cfg = teacher, cfg.dmd
+    if args.real_score_steps > 0:
+        # DMD against a score of the guided teacher's samples (no CFG at DMD time): the teacher
+        # fine-tuned by flow matching on its own pairs' samples
+        t0 = time.time()
+        real = finetune_on_pairs(teacher, pairs, cfg, args.real_score_steps, args.batch, args.real_score_lr, args.seed)
+        dmd_cfg = replace(cfg.dmd, cfg_video=1.0, cfg_audio=1.0, slg_block=None)
+        r = judge(sample_set(real, world, n, 1.0, None, 50, sigmas, None))
+        report["real_score@50"] = r
+        print(f"real score ({time.time() - t0:.0f} s) @50 fd_truth {r['fd_truth']:.3f} fd_ref {r['fd_ref']:.3f} "
+              f"means {r['feature_means']}", flush=True)
+    init = real if args.init_from_real else teacher
+    generator = copy.deepcopy(init).train().requires_grad_(True)
+    fake = copy.deepcopy(init).train().requires_grad_(True)
     opt_g, opt_f = adamw(generator, cfg.generator_optim), adamw(fake, cfg.critic_optim)
     ema = EMA(generator, cfg.ema.decay, cfg.ema.start_step)
     rng = torch.Generator(DEVICE).manual_seed(args.seed * 100_003)
@@ -285,13 +309,13 @@ def run(args) -> dict:
             set_learning_rates(opt, optim, lr_factor(optim.schedule, step, cfg.max_steps))
         if dmd.is_generator_step(step, cfg.dmd):
             k = dmd.draw_exit_index(exit_rng, cfg.dmd.n_steps)
-            source = pairs if pairs is not None else data
-            loss, _ = dmd.generator_loss(generator, fake, teacher, source.batch(args.batch), k, cfg.dmd, rng)
+            source = pairs if cfg.dmd.regression_weight > 0 else data
+            loss, _ = dmd.generator_loss(generator, fake, real, source.batch(args.batch), k, dmd_cfg, rng)
             clip_and_step(generator, opt_g, loss, cfg.generator_optim.grad_clip)
             fake.zero_grad(set_to_none=True)
             ema.update(generator, step)
         k = dmd.draw_exit_index(exit_rng, cfg.dmd.n_steps)
-        loss, _ = dmd.critic_loss(generator, fake, data.batch(args.batch), k, cfg.dmd, rng)
+        loss, _ = dmd.critic_loss(generator, fake, data.batch(args.batch), k, dmd_cfg, rng)
         clip_and_step(fake, opt_f, loss, cfg.critic_optim.grad_clip)
         if (step + 1) % args.eval_every == 0:
             student = ema.model
@@ -360,6 +384,10 @@ def main(argv=None):
     p.add_argument("--cache", default="/tmp/lab_cache")
     p.add_argument("--out", required=True)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--real-score-steps", type=int, default=0,
+                   help="DMD against the teacher fine-tuned on its guided pairs for this many steps (0: the guided teacher)")
+    p.add_argument("--real-score-lr", type=float, default=5e-4)
+    p.add_argument("--init-from-real", action="store_true", help="generator and fake score start from the real score")
     p.add_argument("--set", nargs="*", default=[])
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)

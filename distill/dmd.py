@@ -39,6 +39,7 @@ from distill.flow import (
 )
 from distill.sampling import FusionModel, classifier_free_guidance, pin_first_frame
 
+GUIDANCE_MODES = ("score", "samples")
 LATENT_DTYPE = torch.float32  # noise, x_t and x0 between model calls
 LOSS_DTYPE = torch.float64  # DMD gradient, normaliser and loss arithmetic (as Self-Forcing)
 
@@ -63,6 +64,13 @@ class DMDConfig:
     # noise. Needs renoise="implied" (a deterministic student, whose every step aims at that sample).
     regression_weight: float = 0.0
     stack_teacher_passes: bool = True  # the teacher's conditional and negative passes as one forward at 2B
+    # Where the guidance lives. "score": DMD's real score is the teacher's CFG+SLG combination (DMD2,
+    # Self-Forcing); it has no distribution for a fixed point and the student drifts past the guided
+    # teacher (bench/RESULTS.md, "Guided DMD"). "samples": the teacher was fine-tuned on its own
+    # CFG+SLG samples (distill/pairs.py, then objective flow with data.pairs) and is queried as is, one
+    # pass: the score of the guided samples' distribution. cfg_* / slg_block then name the guidance of
+    # those samples (the pairs' check), not a DMD-time combination.
+    guidance: str = "score"
 
     def __post_init__(self) -> None:
         sigmas = tuple(float(s) for s in self.student_sigmas)
@@ -99,6 +107,8 @@ class DMDConfig:
             raise ValueError(f"renoise must be one of {RENOISE_MODES}, got {self.renoise!r}")
         if not (math.isfinite(self.regression_weight) and self.regression_weight >= 0):
             raise ValueError(f"regression_weight must be a finite number >= 0, got {self.regression_weight}")
+        if self.guidance not in GUIDANCE_MODES:
+            raise ValueError(f"guidance must be one of {GUIDANCE_MODES}, got {self.guidance!r}")
         if self.regression_weight > 0 and self.renoise != "implied":
             raise ValueError("regression_weight > 0 needs renoise='implied': with fresh noise between steps the "
                              "student's sample from a pair's noise is random, and the pair's target is not its aim")
@@ -279,6 +289,19 @@ def teacher_predictions(teacher: FusionModel, xt_video: Tensor, xt_audio: Tensor
     return (x0_video[:n], x0_audio[:n]), (x0_video[n:], x0_audio[n:])
 
 
+def real_score(teacher: FusionModel, xt_video: Tensor, xt_audio: Tensor, sigma: Tensor, batch: Batch,
+               cfg: DMDConfig) -> tuple[Tensor, Tensor]:
+    """The teacher's x0 that DMD pulls towards (float64): CFG+SLG-combined (guidance "score"), or the
+    fine-tuned teacher's own prediction on the prompt (guidance "samples", one pass)."""
+    if cfg.guidance == "samples":
+        video, audio, _, _ = predict(teacher, xt_video, xt_audio, sigma, batch.text, batch.text, batch.image_latent)
+        return video.to(LOSS_DTYPE), audio.to(LOSS_DTYPE)
+    (cond_video, cond_audio), (uncond_video, uncond_audio) = teacher_predictions(teacher, xt_video, xt_audio, sigma,
+                                                                                 batch, cfg)
+    return (classifier_free_guidance(cond_video.to(LOSS_DTYPE), uncond_video.to(LOSS_DTYPE), cfg.cfg_video),
+            classifier_free_guidance(cond_audio.to(LOSS_DTYPE), uncond_audio.to(LOSS_DTYPE), cfg.cfg_audio))
+
+
 def generator_loss(
     generator_model: FusionModel,
     fake_score: FusionModel,
@@ -289,7 +312,8 @@ def generator_loss(
     rng: torch.Generator,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """DMD loss of the student: 1 differentiated G forward (+ exit_index no-grad ones), 1 F forward and
-    2 R forwards (conditional; negative prompts per tower with SLG), all F/R under no_grad. On a
+    2 R forwards (conditional; negative prompts per tower with SLG; 1 with guidance "samples"), all
+    F/R under no_grad. On a
     teacher-pair batch the rollout starts from the pair's noise and, with cfg.regression_weight,
     the loss adds the weighted squared distance of the student's x0 to the teacher's sample: the
     DMD gradient alone has a fixed point past a guided teacher's samples (its CFG part never
@@ -301,10 +325,7 @@ def generator_loss(
         xt_video = add_noise(x0_video.detach(), _noise_like(x0_video, rng), sigma)
         xt_audio = add_noise(x0_audio.detach(), _noise_like(x0_audio, rng), sigma)
         fake_video, fake_audio, _, _ = predict(fake_score, xt_video, xt_audio, sigma, batch.text, batch.text, image)
-        (cond_video, cond_audio), (uncond_video, uncond_audio) = teacher_predictions(teacher, xt_video, xt_audio,
-                                                                                     sigma, batch, cfg)
-        real_video = classifier_free_guidance(cond_video.to(LOSS_DTYPE), uncond_video.to(LOSS_DTYPE), cfg.cfg_video)
-        real_audio = classifier_free_guidance(cond_audio.to(LOSS_DTYPE), uncond_audio.to(LOSS_DTYPE), cfg.cfg_audio)
+        real_video, real_audio = real_score(teacher, xt_video, xt_audio, sigma, batch, cfg)
         grad_video, norm_video = dmd_gradient(_counted(x0_video.detach(), i2v), _counted(fake_video, i2v),
                                               _counted(real_video, i2v), cfg.norm_eps)
         grad_audio, norm_audio = dmd_gradient(x0_audio.detach(), fake_audio, real_audio, cfg.norm_eps)

@@ -89,8 +89,13 @@ def prepare(args) -> tuple[TrainConfig, dict, checkpoint.ResumePlan | None]:
         raise ConfigError("config fields dmd.regression_weight and data.pairs go together: the regression term needs "
                           "teacher pairs (write them with distill/pairs.py, then data.pairs=DIR), and pairs need a weight "
                           f"(got dmd.regression_weight={cfg.dmd.regression_weight}, data.pairs={cfg.data.pairs!r})")
-    if cfg.objective == "dmd" and cfg.data.pairs is not None:
-        check_pairs(cfg.data.pairs, cfg)
+    if cfg.data.pairs is not None:
+        found = check_pairs(cfg.data.pairs, cfg)
+        drawn = {mode for mode, ratio in (("t2v", 1 - cfg.data.i2v_ratio), ("i2v", cfg.data.i2v_ratio)) if ratio > 0}
+        if cfg.objective == "flow" and drawn - set(found):
+            raise ConfigError(f"objective flow with data.pairs={cfg.data.pairs} fine-tunes on the teacher's pairs, but it "
+                              f"has none for {sorted(drawn - set(found))} (data.i2v_ratio={cfg.data.i2v_ratio}): that "
+                              "mode would train on the data instead; make them with distill/pairs.py")
     plan = checkpoint.plan_resume(Path(args.out), args.resume_fallback) if args.resume else None
     return cfg, ds_config, plan
 
@@ -157,8 +162,9 @@ def train_step(step: int, engines, batches, pairs, dmd_cfg, rngs, device, cfg: T
         keys.extend(batch.keys)
         return batch.to(device)
 
-    if cfg.objective == "flow":
-        loss, m = dmd.flow_loss(engines.generator, take(next(batches)), dmd_cfg, rngs["noise"])
+    if cfg.objective == "flow":  # on the data, or with data.pairs on the teacher's samples (the guided fine-tune)
+        batch = next(batches) if pairs is None else pairs(next(batches))
+        loss, m = dmd.flow_loss(engines.generator, take(batch), dmd_cfg, rngs["noise"])
         flags.append(update(engines.generator, loss))
         return {**m, "forward_passes": 1}, all(bool(f) for f in flags), keys
     passes = 0
@@ -170,7 +176,7 @@ def train_step(step: int, engines, batches, pairs, dmd_cfg, rngs, device, cfg: T
         flags.append(update(engines.generator, loss))
         metrics.update({f"generator/{k}": v for k, v in m.items()})
         metrics["generator/grad_norm"] = engines.generator.get_global_grad_norm()
-        passes += exit_index + 1 + 1 + 2
+        passes += exit_index + 1 + 1 + (1 if dmd_cfg.guidance == "samples" else 2)
     exit_index = dmd.draw_exit_index(rngs["exit"], n_steps)
     loss, m = dmd.critic_loss(engines.generator, engines.fake_score, take(next(batches)), exit_index, dmd_cfg,
                               rngs["noise"])
@@ -251,7 +257,7 @@ def main(argv=None) -> int:
     engines = build_engines(cfg, ds_config)
     dmd_cfg = cfg.dmd
     batches = build_loader(args.data, cfg, rank, world)
-    pairs = PairBatches(cfg.data.pairs, cfg, rank, world) if cfg.objective == "dmd" and cfg.data.pairs else None
+    pairs = PairBatches(cfg.data.pairs, cfg, rank, world) if cfg.data.pairs else None
     rngs = {"noise": torch.Generator(device=device).manual_seed(cfg.seed * 100_003 + rank),
             "exit": torch.Generator().manual_seed(cfg.seed)}
     state = {"step": 0, "generator_updates": 0, "skipped_nonfinite": 0}

@@ -218,6 +218,36 @@ def test_dmd_gradient_vanishes_when_fake_score_is_the_teacher_without_cfg(weight
     assert loss.item() > 0
 
 
+@pytest.mark.parametrize("i2v", [False, True], ids=["t2v", "i2v"])
+def test_guidance_from_samples_queries_the_teacher_once_on_the_prompt(models, i2v):
+    """dmd.guidance=samples: the (fine-tuned) teacher is the real score as is: one no-grad pass on the
+    prompt, no negative pass, no SLG, whatever cfg_* say (they name the pairs' guidance)."""
+    batch = make_batch(i2v)
+    G, Fk, R, log = wrap(models, batch)
+    cfg = DMDConfig(slg_block=1, guidance="samples")
+    loss, _ = generator_loss(G, Fk, R, batch, 1, cfg, rng())
+    loss.backward()
+    teacher = [c for c in log if c.model == "R"]
+    assert [(c.grad, c.skip_block, c.text_video, c.text_audio) for c in teacher] == [(False, None, "text", "text")]
+    assert teacher[0].video.shape[0] == batch.size
+    assert all(c.first_frame_clean == i2v for c in log)
+
+
+@pytest.mark.parametrize("i2v", [False, True], ids=["t2v", "i2v"])
+def test_guidance_from_samples_pulls_towards_the_teachers_own_prediction(weights, i2v):
+    """The same loss as the guided form with CFG 1 (u + 1·(c − u) = c, up to rounding): the fake score
+    equal to the teacher gives no gradient."""
+    gen, fake, teacher = tiny(weights, "generator"), tiny(weights, "teacher"), tiny(weights, "teacher")
+    samples = DMDConfig(cfg_video=4.0, cfg_audio=3.0, slg_block=1, guidance="samples")
+    loss, _ = generator_loss(gen, fake, teacher, make_batch(i2v), 2, samples, rng())
+    assert loss.item() == 0.0
+    gen, fake = tiny(weights, "generator"), tiny(weights, "fake")
+    unguided = DMDConfig(cfg_video=1.0, cfg_audio=1.0, slg_block=1, stack_teacher_passes=False)
+    a, _ = generator_loss(gen, fake, teacher, make_batch(i2v), 2, samples, rng())
+    b, _ = generator_loss(gen, fake, teacher, make_batch(i2v), 2, unguided, rng())
+    assert a.item() > 0 and a.item() == pytest.approx(b.item(), rel=1e-6)
+
+
 class ConstantX0:
     """A score model whose x0 is a constant per text: v = (x - x0)/σ."""
 
@@ -581,6 +611,7 @@ def test_flow_loss_decreases_with_adam(weights):
     ("critic_ratio", 0),
     ("flow_shift", -1.0),
     ("renoise", "ode"),
+    ("guidance", "cfg"),
 ])
 def test_config_errors_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):

@@ -226,11 +226,13 @@ def test_size_overrides_parse_literals_and_reject_unknown_fields():
 # -- the CI gate: the whole pipeline at --size ci ----------------------------------------------
 
 def test_ci_size_guided_student_beats_the_teacher_at_four_steps(tmp_path):
-    """Shards -> flow teacher -> teacher pairs -> DMD student against the guided teacher (CFG 2, SLG),
-    all through distill/ under the real DeepSpeed launcher; then every sampler against fresh world
-    draws and against teacher@50's own samples, which is what a guided student must match."""
+    """Shards -> flow teacher -> teacher pairs (CFG 2, SLG) -> the teacher fine-tuned on them -> DMD
+    student from it, all through distill/ under the real DeepSpeed launcher; then every sampler
+    against fresh world draws and against teacher@50's own samples, which is what a guided student
+    must match."""
     size = tw.SIZES["ci"]
     assert size.cfg >= 2 and size.slg_block is not None, "the CI gate runs with guidance"
+    assert size.guided_steps > 0, "the CI gate runs the recipe: DMD against the guided samples' score"
     report = tw.run("ci", tmp_path / "toyworld")
     r = report["results"]
     floor, t50, t4, s4 = r["truth (fresh draw)"], r["teacher@50"], r["teacher@4"], r["student@4"]
@@ -245,8 +247,9 @@ def test_ci_size_guided_student_beats_the_teacher_at_four_steps(tmp_path):
     # the gate: the student is closer to the guided teacher's samples than the teacher's own 4 steps ...
     assert s4["fd_ref_mean"] < t4["fd_ref_mean"], report["table"]
     # ... and it is DMD that does it, not the student's sampler: the same sampler with the teacher's
-    # weights (where DMD starts) is farther
+    # weights, and with the fine-tuned weights where DMD starts, is farther
     assert s4["fd_ref_mean"] < undistilled["fd_ref_mean"], report["table"]
+    assert s4["fd_ref_mean"] < r["undistilled guided@4"]["fd_ref_mean"], report["table"]
     # ... without collapsing: samples land on their own class's mode about as often as under
     # teacher@4 (mean hit rate; coverage moves in steps of 1/K) and stay diverse
     assert np.mean(s4["mode_hits"]) >= np.mean(t4["mode_hits"]) - 0.05, report["table"]

@@ -116,13 +116,29 @@ def test_regression_on_teacher_pairs_trains_and_resumes_bit_identically(dataset,
         assert a[step]["generator/regression_video"] > 0 and a[step]["generator/regression_audio"] > 0, a[step]
 
 
+def test_guided_finetune_trains_on_the_pairs_of_the_drawn_mode(dataset, tiny_pairs, tmp_path):
+    """objective flow with data.pairs (the fine-tune before DMD with dmd.guidance=samples): every batch
+    is the teacher's pairs of the mode the data stream drew, so on t2v alone it is the same run as
+    flow on the pairs' t2v dataset itself, loss for loss."""
+    flow = ("--max-steps", "3", "objective=flow", "data.i2v_ratio=0")
+    train_tiny(dataset, tmp_path / "on_pairs", *flow, f"data.pairs={tiny_pairs}")
+    train_tiny(tiny_pairs / "t2v", tmp_path / "pairs_as_data", *flow)
+    a, b = losses(tmp_path / "on_pairs"), losses(tmp_path / "pairs_as_data")
+    assert sorted(a) == [0, 1, 2] and a == b
+
+
 @pytest.mark.parametrize("extra, needle", [
     (["dmd.regression_weight=1.0", "dmd.renoise=implied"], "go together"),
+    (["objective=flow", "data.i2v_ratio=0.5", "T2V_ONLY"], "has none for ['i2v']"),
+    (["objective=flow", "dmd.slg_block=null", "PAIRS"], "slg_block"),
     (["dmd.regression_weight=1.0", "dmd.renoise=implied", "dmd.cfg_video=2.0", "PAIRS"], "cfg_video"),
     (["dmd.regression_weight=1.0", "PAIRS"], "renoise='implied'"),
 ])
 def test_bad_pairs_settings_stop_before_any_work(dataset, tiny_pairs, tmp_path, extra, needle):
-    extra = [f"data.pairs={tiny_pairs}" if e == "PAIRS" else e for e in extra]
+    t2v_only = tmp_path / "t2v_only"
+    t2v_only.mkdir()
+    (t2v_only / "t2v").symlink_to(tiny_pairs / "t2v")
+    extra = [{"PAIRS": f"data.pairs={tiny_pairs}", "T2V_ONLY": f"data.pairs={t2v_only}"}.get(e, e) for e in extra]
     proc = subprocess.run([sys.executable, str(TRAIN), "--deepspeed", "ds_configs/zero3_cpu.json", "--config",
                            "distill/configs/tiny.yaml", "--data", str(dataset), "--out", str(tmp_path / "run"), *extra],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
