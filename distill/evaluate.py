@@ -18,7 +18,9 @@ skips every step already done), in step order:
 
 The teacher reference: the run's teacher (model.checkpoint; the seeded init for `tiny`; --teacher
 overrides) sampled with Ovi's CFG + SLG at the run's DMD guidance (dmd.cfg_video, cfg_audio,
-slg_block) for --reference-steps UniPC steps from the same noise as the student, made on the first
+slg_block) for --reference-steps UniPC steps from the same noise as the student (a run with
+dmd.guidance=samples: its fine-tuned model.checkpoint without guidance, or --teacher ORIGINAL with
+it), made on the first
 pass and cached in RUN/eval/reference/ (latents, mp4s, contact sheet). It is reused while the
 clips and teacher settings are the same; otherwise the evaluator stops, asking for
 --make-reference (which remakes it, and every checkpoint still on disk is evaluated again).
@@ -156,7 +158,10 @@ class RunInfo:
     run_name: str | None
 
     @staticmethod
-    def from_checkpoint(step_dir: Path, reference_steps: int) -> RunInfo:
+    def from_checkpoint(step_dir: Path, reference_steps: int, teacher_given: bool = False) -> RunInfo:
+        """With dmd.guidance=samples the run's model.checkpoint is the teacher fine-tuned on its guided
+        samples: it is sampled without CFG and SLG (its samples are what DMD aims at), unless
+        --teacher names the original, which is sampled with the run's CFG + SLG."""
         try:
             config = json.loads((step_dir / "trainer.json").read_text())["config"]
             model, dmd, log = config["model"], config.get("dmd", {}), config.get("log", {})
@@ -167,6 +172,8 @@ class RunInfo:
         teacher_cfg = TeacherSamplerConfig(steps=reference_steps, cfg_video=dmd.get("cfg_video", defaults.cfg_video),
                                            cfg_audio=dmd.get("cfg_audio", defaults.cfg_audio),
                                            slg_block=dmd.get("slg_block", defaults.slg_block))
+        if dmd.get("guidance") == "samples" and not teacher_given:
+            teacher_cfg = TeacherSamplerConfig(steps=reference_steps, cfg_video=1.0, cfg_audio=1.0, slg_block=None)
         return RunInfo(variant=variant, num_layers=model.get("num_layers"),
                        teacher_file=Path(model["checkpoint"]) if model.get("checkpoint") else None,
                        init_seed=model.get("init_seed", 0), random_init=bool(model.get("random_init")),
@@ -259,7 +266,7 @@ def prepare(cfg: EvalConfig) -> Plan:
     if cfg.teacher is not None and not cfg.teacher.is_file():
         raise EvalError(f"--teacher {cfg.teacher}: no such file")
     first = wait_for_first_checkpoint(cfg)
-    info = RunInfo.from_checkpoint(first, cfg.reference_steps)
+    info = RunInfo.from_checkpoint(first, cfg.reference_steps, teacher_given=cfg.teacher is not None)
     variant = info.variant
     sample_cfg = SampleConfig(model_path=first, teacher=False, variant=variant, prompts_file=cfg.prompts_file,
                               out=store.eval_root(cfg.run), seeds=cfg.seeds, batch_size=cfg.batch_size,

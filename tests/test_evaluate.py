@@ -246,3 +246,17 @@ def test_prune_spares_the_checkpoint_marked_keep(tmp_path):
     (checkpoint.step_dir(tmp_path, 3) / checkpoint.KEEP_FILE).touch()
     checkpoint.prune(tmp_path, keep=2)
     assert [p.name for p in checkpoint.complete_steps(tmp_path)] == ["step-000003", "step-000009", "step-000012"]
+
+
+@pytest.mark.parametrize("guidance, teacher_given, expected", [
+    ("score", False, (4.0, 3.0, 11)),
+    ("samples", False, (1.0, 1.0, None)),    # the fine-tuned teacher is the guided samples' score: no CFG on it
+    ("samples", True, (4.0, 3.0, 11)),       # --teacher ORIGINAL: the original with the run's CFG + SLG
+])
+def test_reference_guidance_follows_the_runs_dmd_guidance(tmp_path, guidance, teacher_given, expected):
+    from distill.evaluate import RunInfo
+    config = {"model": {"variant": "tiny", "checkpoint": "guided.safetensors"}, "dmd": {
+        "cfg_video": 4.0, "cfg_audio": 3.0, "slg_block": 11, "guidance": guidance}}
+    (tmp_path / "trainer.json").write_text(json.dumps({"config": config}))
+    sampler = RunInfo.from_checkpoint(tmp_path, 50, teacher_given=teacher_given).teacher_cfg
+    assert (sampler.cfg_video, sampler.cfg_audio, sampler.slg_block, sampler.steps) == (*expected, 50)
