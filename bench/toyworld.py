@@ -6,12 +6,16 @@
     python bench/toyworld.py --size gpu --out /tmp/tw2 --teacher /tmp/tw/teacher.safetensors  # DMD only, that teacher
 
 shards (precompute/shards.py) -> tiny OviFusion teacher (`objective: flow`, distill/train.py)
--> DMD to 4 steps (distill/train.py, model.checkpoint = the exported teacher) -> teacher@50 (CFG),
-teacher@4 (same UniPC solver, shift and CFG), undistilled@4 (the student's 4-step sampler with the
-teacher's weights: where DMD starts) and student@4, sampled in-process with distill/sampling.py -> per-class Fréchet distance, mode coverage, audio-visual onset agreement and
-diversity against fresh draws from the world itself. Prints one markdown table; writes
-OUT/results.json and OUT/samples.pt (what the features read of every sample).
-tests/test_toyworld.py runs --size ci end to end and asserts the student beats teacher@4.
+-> with guidance (cfg > 1): teacher pairs (distill/pairs.py, CFG + SLG) and the teacher fine-tuned
+on them (`objective: flow`, data.pairs) -> DMD to 4 steps (distill/train.py, model.checkpoint = the
+exported teacher, or the fine-tune with dmd.guidance=samples) -> teacher@50 (CFG), teacher@4 (same
+UniPC solver, shift and CFG), undistilled@4 (the student's 4-step sampler with the teacher's
+weights), guided@50 / undistilled guided@4 (the fine-tune's own samples, where DMD starts), and
+student@4, sampled in-process with distill/sampling.py -> per-class Fréchet distance (to the truth
+and to teacher@50's samples), mode coverage, audio-visual onset agreement and diversity against
+fresh draws from the world itself. Prints one markdown table; writes OUT/results.json and
+OUT/samples.pt (what the features read of every sample). tests/test_toyworld.py runs --size ci
+end to end (CFG 2 + SLG) and asserts the student beats teacher@4.
 
 The world (tiny variant shapes: video latents [48, 5, 4, 4], audio latents [22, 20]):
   - K scene classes, each named by a fixed random text token repeated over the whole text

@@ -65,7 +65,7 @@ class DataSettings:
     i2v_ratio: float = 0.5
     shuffle_buffer: int = 16
     seed: int = 0
-    pairs: str | None = None       # teacher pairs (distill/pairs.py) for dmd.regression_weight
+    pairs: str | None = None       # teacher pairs (distill/pairs.py): flow fine-tune data, DMD regression targets
 
 
 @dataclass

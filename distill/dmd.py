@@ -1,4 +1,4 @@
-"""DMD2 for Ovi: backward-simulation rollout, generator (DMD, + regression on teacher pairs) loss,
+"""DMD2 for Ovi: backward-simulation rollout, generator (DMD, + optional regression on teacher pairs) loss,
 fake-score (critic) loss, and the plain flow-matching loss, as pure functions of the models
 (spec/dmd.md §2, §3, §5, §10, §11).
 
@@ -313,11 +313,11 @@ def generator_loss(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """DMD loss of the student: 1 differentiated G forward (+ exit_index no-grad ones), 1 F forward and
     2 R forwards (conditional; negative prompts per tower with SLG; 1 with guidance "samples"), all
-    F/R under no_grad. On a
-    teacher-pair batch the rollout starts from the pair's noise and, with cfg.regression_weight,
-    the loss adds the weighted squared distance of the student's x0 to the teacher's sample: the
-    DMD gradient alone has a fixed point past a guided teacher's samples (its CFG part never
-    vanishes), the regression holds the student on them (bench/RESULTS.md, "Guided DMD")."""
+    F/R under no_grad. On a teacher-pair batch the rollout starts from the pair's noise and, with
+    cfg.regression_weight, the loss adds the weighted squared distance of the student's x0 to the
+    teacher's sample: against the CFG-combined score (guidance "score") DMD has no fixed point at
+    the guided teacher's samples (its CFG part never vanishes) and the regression slows the drift;
+    guidance "samples" removes the cause (bench/RESULTS.md, "Guided DMD")."""
     i2v, image = batch.i2v, batch.image_latent
     x0_video, x0_audio = rollout(generator_model, batch, exit_index, cfg, rng, with_grad=True)
     with torch.no_grad():

@@ -1,6 +1,7 @@
-"""Teacher pairs: the guided teacher's own samples, the anchor of DMD's regression term.
+"""Teacher pairs: the guided teacher's own samples, what the guided fine-tune learns (and the anchor
+of DMD's optional regression term).
 
-    torchrun --nproc-per-node 8 distill/pairs.py --config distill/configs/ovi_720_5s.yaml --data DATA \\
+    torchrun --nproc-per-node 8 distill/pairs.py --config distill/configs/ovi_720_5s_guided.yaml --data DATA \\
         --out PAIRS --count 2048 [--batch-size 1] [key=value ...]        (or plain `python`: one rank)
 
 For `count` samples of the dataset (the first by key, so any world size picks the same ones) it
@@ -8,9 +9,11 @@ draws a noise from the sample's key and runs the teacher as Ovi samples it (UniP
 shift 5, the recipe's dmd.cfg_video / cfg_audio / slg_block) from that noise and the sample's
 prompt; the result is written as a sample of the same schema (precompute/shards.py) whose latents
 are the teacher's, with the noise seed and the sampler settings in its json (`extra.pair`).
-distill/train.py with data.pairs=PAIRS starts the generator's rollout from that noise and pulls
-its sample towards the teacher's (dmd.regression_weight): DMD against a guided teacher otherwise
-drifts past the guided teacher's samples (bench/RESULTS.md, "Guided DMD").
+distill/train.py with data.pairs=PAIRS then either fine-tunes the teacher on them (objective flow:
+the guided samples' score, which DMD queries without CFG, dmd.guidance=samples), or starts the
+generator's rollout from a pair's noise and pulls its sample towards the teacher's
+(dmd.regression_weight). DMD against the CFG-combined score alone drifts past the guided teacher's
+samples (bench/RESULTS.md, "Guided DMD").
 
 Mode: a sample is an image-to-video pair (its frame 0, the image, conditions the teacher) with
 probability data.i2v_ratio, drawn from its key; t2v and i2v pairs go to PAIRS/t2v and PAIRS/i2v,
