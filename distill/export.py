@@ -63,6 +63,19 @@ def raw_state(step_path: Path) -> dict[str, torch.Tensor]:
     return get_fp32_state_dict_from_zero_checkpoint(str(step_path / "generator"), tag=checkpoint.ENGINE_TAG)
 
 
+GUIDED_SAMPLES = "guided_samples"  # metadata of a guided fine-tune's export: the guidance of its pairs
+PAIR_GUIDANCE = ("cfg_video", "cfg_audio", "slg_block")
+
+
+def guided_samples_of(path: str | Path) -> dict | None:
+    """The guidance of the pairs a checkpoint was fine-tuned on (a guided fine-tune's export), else
+    None (the official checkpoints, a DMD student, plain flow training). Reads the header only."""
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    return json.loads(meta[GUIDED_SAMPLES]) if GUIDED_SAMPLES in meta else None
+
+
 def export(run_or_step: Path, out: Path, raw: bool = False, step: int | None = None) -> Path:
     step_path = find_step(run_or_step, step)
     config = json.loads((step_path / "trainer.json").read_text())["config"]
@@ -74,6 +87,8 @@ def export(run_or_step: Path, out: Path, raw: bool = False, step: int | None = N
             "format": "ovi-fusion",  # and the sampler the student was trained for, read back by distill/sample.py
             **({"student_sigmas": json.dumps(list(dmd["student_sigmas"]))} if dmd.get("student_sigmas") else {}),
             **({"renoise": dmd["renoise"]} if dmd.get("renoise") else {})}
+    if config.get("objective") == "flow" and config.get("data", {}).get("pairs"):
+        meta[GUIDED_SAMPLES] = json.dumps({k: dmd.get(k) for k in PAIR_GUIDANCE})  # checked by the trainer
     path = save_ovi_checkpoint(state, out, dtype=torch.bfloat16, metadata=meta)
     check_header(path, read_header(path), expected_entries(model))  # the exact official key set and shapes
     return path

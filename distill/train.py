@@ -89,6 +89,8 @@ def prepare(args) -> tuple[TrainConfig, dict, checkpoint.ResumePlan | None]:
         raise ConfigError("config fields dmd.regression_weight and data.pairs go together: the regression term needs "
                           "teacher pairs (write them with distill/pairs.py, then data.pairs=DIR), and pairs need a weight "
                           f"(got dmd.regression_weight={cfg.dmd.regression_weight}, data.pairs={cfg.data.pairs!r})")
+    if cfg.objective == "dmd" and cfg.dmd.guidance == "samples":
+        check_guided_teacher(cfg)
     if cfg.data.pairs is not None:
         found = check_pairs(cfg.data.pairs, cfg)
         drawn = {mode for mode, ratio in (("t2v", 1 - cfg.data.i2v_ratio), ("i2v", cfg.data.i2v_ratio)) if ratio > 0}
@@ -98,6 +100,24 @@ def prepare(args) -> tuple[TrainConfig, dict, checkpoint.ResumePlan | None]:
                               "mode would train on the data instead; make them with distill/pairs.py")
     plan = checkpoint.plan_resume(Path(args.out), args.resume_fallback) if args.resume else None
     return cfg, ds_config, plan
+
+
+def check_guided_teacher(cfg: TrainConfig) -> None:
+    """dmd.guidance=samples queries the teacher without CFG: it must be a guided fine-tune's export
+    (made on pairs of this run's guidance), or DMD would distil the unguided teacher without a word."""
+    from distill.export import PAIR_GUIDANCE, guided_samples_of
+    how = ("fine-tune the teacher on its pairs (objective=flow data.pairs=PAIRS) and export it with "
+           "distill/export.py --raw; or use dmd.guidance=score with the original teacher")
+    if not cfg.model.checkpoint:
+        raise ConfigError(f"config field dmd.guidance=samples needs model.checkpoint, a guided fine-tune's export: {how}")
+    made = guided_samples_of(cfg.model.checkpoint)
+    if made is None:
+        raise ConfigError(f"config field dmd.guidance=samples: {cfg.model.checkpoint} is not a guided fine-tune's "
+                          f"export (no guided_samples metadata): {how}")
+    wanted = {name: getattr(cfg.dmd, name) for name in PAIR_GUIDANCE}
+    if made != wanted:
+        raise ConfigError(f"config field dmd.guidance=samples: {cfg.model.checkpoint} was fine-tuned on pairs made "
+                          f"with {made}, but this run's dmd.* say {wanted}")
 
 
 class StopFlag:

@@ -125,6 +125,21 @@ def test_guided_finetune_trains_on_the_pairs_of_the_drawn_mode(dataset, tiny_pai
     train_tiny(tiny_pairs / "t2v", tmp_path / "pairs_as_data", *flow)
     a, b = losses(tmp_path / "on_pairs"), losses(tmp_path / "pairs_as_data")
     assert sorted(a) == [0, 1, 2] and a == b
+    # its export says which guidance it learnt; DMD with guidance=samples accepts only such a teacher
+    from distill.export import export, guided_samples_of
+    guided = export(tmp_path / "on_pairs", tmp_path / "guided.safetensors", raw=True)
+    plain = export(tmp_path / "pairs_as_data", tmp_path / "plain.safetensors", raw=True)
+    assert guided_samples_of(guided) == {"cfg_video": 4.0, "cfg_audio": 3.0, "slg_block": 1}   # tiny.yaml's
+    assert guided_samples_of(plain) is None
+    for extra, needle in (([f"model.checkpoint={plain}"], "not a guided fine-tune's export"),
+                          ([f"model.checkpoint={guided}", "dmd.cfg_video=2.0"], "fine-tuned on pairs made with"),
+                          ([], "needs model.checkpoint")):
+        proc = subprocess.run([sys.executable, str(TRAIN), "--deepspeed", "ds_configs/zero3_cpu.json", "--config",
+                               "distill/configs/tiny.yaml", "--data", str(dataset), "--out", str(tmp_path / "dmd"),
+                               "dmd.guidance=samples", *extra], cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2 and needle in proc.stderr, proc.stderr[-2000:]
+        assert not (tmp_path / "dmd").exists()
+    # (the accepted case, DMD from the guided export, runs in the toy world's CI gate and the quickstart)
 
 
 @pytest.mark.parametrize("extra, needle", [
