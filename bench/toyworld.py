@@ -350,7 +350,8 @@ SIZES = {
                       flow_steps=800, dmd_steps=300, batch_size=128, flow_lr=2e-3, generator_lr=1.2e-4, critic_lr=1.6e-3,
                       critic_ratio=5, cfg=1.0, ranks=1, ds_config="ds_configs/zero3.json", student_sigmas=UNIFORM_SIGMAS, fp32=True,
                       dmd_snapshots=2, renoise="implied", video_lr_scale=4.0, audio_lr_scale=0.25, pairs=2048,
-                      regression_weight=0.0, guided_steps=400, guided_lr=5e-4, extra_flow=("model.compile_elementwise=false",), extra_dmd=("model.compile_elementwise=false",)),
+                      regression_weight=0.0, guided_steps=400, guided_lr=5e-4,
+                      extra_flow=("model.compile_elementwise=false",), extra_dmd=("model.compile_elementwise=false",)),
 }
 
 
@@ -555,9 +556,9 @@ def sample_all(teacher, students: dict, size: SizeConfig, device, guided=None) -
             cfg = TeacherSamplerConfig(steps=steps, cfg_video=size.cfg, cfg_audio=size.cfg, slg_block=size.slg_block)
             v, a = sample_teacher(teacher, nv, na, text, neg, neg, cfg)
             out[name][k] = {"video": v.float().cpu(), "audio": a.float().cpu()}
-        if guided is not None:
-            v, a = sample_teacher(guided, noise_v, noise_a, text, neg, neg, TeacherSamplerConfig(steps=50, cfg_video=1.0,
-                                                                                              cfg_audio=1.0, slg_block=None))
+        if guided is not None:  # the fine-tune is the guided samples' score: sampled without guidance
+            unguided = TeacherSamplerConfig(steps=50, cfg_video=1.0, cfg_audio=1.0, slg_block=None)
+            v, a = sample_teacher(guided, noise_v, noise_a, text, neg, neg, unguided)
             out["guided@50"][k] = {"video": v.float().cpu(), "audio": a.float().cpu()}
         start = [("undistilled guided@4", guided)] if guided is not None else []
         for name, model in (("undistilled@4", teacher), *start, *students.items()):
