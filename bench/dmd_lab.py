@@ -291,7 +291,7 @@ def run(args) -> dict:
         # fine-tuned by flow matching on its own pairs' samples
         t0 = time.time()
         real = finetune_on_pairs(teacher, pairs, cfg, args.real_score_steps, args.batch, args.real_score_lr, args.seed)
-        dmd_cfg = replace(cfg.dmd, cfg_video=1.0, cfg_audio=1.0, slg_block=None)
+        dmd_cfg = replace(cfg.dmd, guidance="samples")
         r = judge(sample_set(real, world, n, 1.0, None, 50, sigmas, None))
         report["real_score@50"] = r
         print(f"real score ({time.time() - t0:.0f} s) @50 fd_truth {r['fd_truth']:.3f} fd_ref {r['fd_ref']:.3f} "

@@ -52,6 +52,7 @@ import torch
 import webdataset as wds
 
 from distill.batch import Batch
+from distill.dmd import pair_guidance
 from precompute.shards import (
     DatasetInfo,
     Negatives,
@@ -514,7 +515,7 @@ def check_pairs(root: str | Path, cfg: TrainConfig) -> dict[str, Dataset]:
     found = {mode: check_dataset(root / mode, cfg.model.variant) for mode in PAIR_MODES if (root / mode).is_dir()}
     if not found:
         raise DataError(f"{root}: no t2v/ or i2v/ pairs inside; write them with distill/pairs.py")
-    wanted = {"cfg_video": cfg.dmd.cfg_video, "cfg_audio": cfg.dmd.cfg_audio, "slg_block": cfg.dmd.slg_block}
+    wanted = pair_guidance(cfg.dmd)
     for mode, dataset in found.items():
         made = json.loads(dataset.info.encoders.get(PAIR, "{}"))
         for name, value in wanted.items():

@@ -40,6 +40,7 @@ from distill.flow import (
 from distill.sampling import FusionModel, classifier_free_guidance, pin_first_frame
 
 GUIDANCE_MODES = ("score", "samples")
+PAIR_GUIDANCE = ("cfg_video", "cfg_audio", "slg_block")  # the DMDConfig fields that name a teacher pair's guidance
 LATENT_DTYPE = torch.float32  # noise, x_t and x0 between model calls
 LOSS_DTYPE = torch.float64  # DMD gradient, normaliser and loss arithmetic (as Self-Forcing)
 
@@ -116,6 +117,11 @@ class DMDConfig:
     @property
     def n_steps(self) -> int:
         return len(self.student_sigmas)
+
+
+def pair_guidance(cfg: DMDConfig) -> dict:
+    """The guidance teacher pairs are made with (distill/pairs.py) and checked against (the trainer)."""
+    return {name: getattr(cfg, name) for name in PAIR_GUIDANCE}
 
 
 # ---------------------------------------------------------------------------------------------

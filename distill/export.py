@@ -21,6 +21,7 @@ if __package__ in (None, ""):
 import torch
 
 from distill import checkpoint
+from distill.dmd import PAIR_GUIDANCE
 from distill.eval_store import best_step
 from distill.models import OviFusion, variant_config
 from distill.models.loading import check_header, expected_entries, read_header, save_ovi_checkpoint
@@ -64,7 +65,6 @@ def raw_state(step_path: Path) -> dict[str, torch.Tensor]:
 
 
 GUIDED_SAMPLES = "guided_samples"  # metadata of a guided fine-tune's export: the guidance of its pairs
-PAIR_GUIDANCE = ("cfg_video", "cfg_audio", "slg_block")
 
 
 def guided_samples_of(path: str | Path) -> dict | None:

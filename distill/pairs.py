@@ -44,6 +44,7 @@ import torch
 from distill.config import ConfigError, TrainConfig, load_config
 from distill.data import (DATASET_JSON, INDEX_PARQUET, NEGATIVES, PAIR, DataError, check_dataset, normalise_video,
                           pad_text, pair_noise)
+from distill.dmd import pair_guidance
 from precompute.shards import (Sample, ShardWriter, iter_shard, read_dataset_info, read_done_rows, read_index,
                                read_negatives, write_dataset_info, write_index)
 from precompute.variants import get_variant
@@ -67,8 +68,8 @@ def rank_of(key: str, world: int) -> int:
 
 def sampler_settings(cfg: TrainConfig, steps: int) -> dict:
     """What a pair was made with; the trainer refuses pairs whose guidance differs from its DMD's."""
-    return {"steps": steps, "cfg_video": cfg.dmd.cfg_video, "cfg_audio": cfg.dmd.cfg_audio,
-            "slg_block": cfg.dmd.slg_block, "teacher": cfg.model.checkpoint or f"tiny init seed {cfg.model.init_seed}"}
+    return {"steps": steps, **pair_guidance(cfg.dmd),
+            "teacher": cfg.model.checkpoint or f"tiny init seed {cfg.model.init_seed}"}
 
 
 @torch.no_grad()

@@ -105,7 +105,7 @@ def prepare(args) -> tuple[TrainConfig, dict, checkpoint.ResumePlan | None]:
 def check_guided_teacher(cfg: TrainConfig) -> None:
     """dmd.guidance=samples queries the teacher without CFG: it must be a guided fine-tune's export
     (made on pairs of this run's guidance), or DMD would distil the unguided teacher without a word."""
-    from distill.export import PAIR_GUIDANCE, guided_samples_of
+    from distill.export import guided_samples_of
     how = ("fine-tune the teacher on its pairs (objective=flow data.pairs=PAIRS) and export it with "
            "distill/export.py --raw; or use dmd.guidance=score with the original teacher")
     if not cfg.model.checkpoint:
@@ -114,7 +114,7 @@ def check_guided_teacher(cfg: TrainConfig) -> None:
     if made is None:
         raise ConfigError(f"config field dmd.guidance=samples: {cfg.model.checkpoint} is not a guided fine-tune's "
                           f"export (no guided_samples metadata): {how}")
-    wanted = {name: getattr(cfg.dmd, name) for name in PAIR_GUIDANCE}
+    wanted = dmd.pair_guidance(cfg.dmd)
     if made != wanted:
         raise ConfigError(f"config field dmd.guidance=samples: {cfg.model.checkpoint} was fine-tuned on pairs made "
                           f"with {made}, but this run's dmd.* say {wanted}")
