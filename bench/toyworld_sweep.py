@@ -131,11 +131,17 @@ def summarise(reports: dict, seeds: list[int], cfgs: list[float]) -> dict:
                          "t50 floor": r["teacher@50 (2nd draw)"]["fd_ref_mean"],
                          "undistilled to t50": r["undistilled@4"]["fd_ref_mean"],
                          "guided@50 to t50": r["guided@50"]["fd_ref_mean"] if "guided@50" in r else None,
+                         "onset": {name: r[name]["onset_agreement"] for name in ONSET_SAMPLERS},
                          "snapshots": snapshots, "evaluator": evaluator, "run_criteria_ok": all(v["ok"] for v in report["criteria"].values()),
                          "failed_criteria": [k for k, v in report["criteria"].items() if not v["ok"]]})
         out["settings"][f"{c:g}"] = {"rows": rows, "missing_seeds": missing, "verdict": verdict(rows, c) if rows else {},
                                      "evaluator": evaluator_agreement(rows)}
     return out
+
+
+# A/V onset agreement of the recipe's student beside teacher@50's, and a second teacher@50 draw's: how
+# far the onset check's statistic moves between two draws of the same sampler
+ONSET_SAMPLERS = ("student@4", "teacher@50", "teacher@50 (2nd draw)")
 
 
 def _step_of(name: str, recipe_step: int) -> int:
@@ -200,14 +206,15 @@ def markdown(summary: dict) -> str:
     lines = []
     for c, setting in summary["settings"].items():
         lines += [f"### CFG {c}{' (no guidance: judged against the truth)' if c == '1' else ' + SLG (judged against teacher@50)'}",
-                  "", "| seed | teacher@50 | teacher@4 | student | t@4 → t50 | student → t50 | t50 floor | guided@50 → t50 | student along DMD | own criteria |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+                  "", "| seed | teacher@50 | teacher@4 | student | t@4 → t50 | student → t50 | t50 floor | guided@50 → t50 | student along DMD | onset: student / t50 / t50 again | own criteria |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|"]
         for row in setting["rows"]:
             along = " / ".join(f"{v:.3f}" for v in row["snapshots"].values())
+            onset = " / ".join(f"{row['onset'][name]:.2f}" for name in ONSET_SAMPLERS) if "onset" in row else "-"
             own = "pass" if row["run_criteria_ok"] else "fail: " + ", ".join(row["failed_criteria"])
             lines.append(f"| {row['seed']} | {row['teacher@50']:.3f} | {row['teacher@4']:.3f} | {row['student']:.3f} | "
                          f"{row['teacher@4 to t50']:.3f} | {row['student to t50']:.3f} | {row['t50 floor']:.3f} | "
-                         f"{'-' if row['guided@50 to t50'] is None else format(row['guided@50 to t50'], '.3f')} | {along} | {own} |")
+                         f"{'-' if row['guided@50 to t50'] is None else format(row['guided@50 to t50'], '.3f')} | {along} | {onset} | {own} |")
         if setting["missing_seeds"]:
             lines.append(f"\nruns that failed (no results): seeds {setting['missing_seeds']}")
         lines.append("")

@@ -200,6 +200,24 @@ def test_sweep_verdict_applies_the_issue_bars_over_seeds():
     assert spearman([1, 2, 3], [10, 20, 30]) == pytest.approx(1.0) and spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
 
 
+def test_sweep_table_reads_each_run_and_shows_the_onset_draws():
+    from bench.toyworld_sweep import markdown, summarise
+    sampler = lambda fd, ref, onset: {"fd_mean": fd, "fd_ref_mean": ref, "onset_agreement": onset}
+    results = {"teacher@50": sampler(5.0, 0.0, 0.70), "teacher@50 (2nd draw)": sampler(5.1, 0.3, 0.58),
+               "teacher@4": sampler(9.0, 2.0, 0.60), "undistilled@4": sampler(8.0, 1.5, 0.50),
+               "student@4": sampler(5.2, 0.4, 0.57), "student@4, DMD step 400": sampler(5.1, 0.35, 0.60)}
+    report = {"results": results, "config": {"dmd_steps": 200},
+              "criteria": {"onset_agreement vs teacher@50": {"ok": False}, "fd_mean vs teacher@50": {"ok": True}}}
+    summary = summarise({(7, 2.0): report}, seeds=[7, 8], cfgs=[2.0])
+    setting = summary["settings"]["2"]
+    assert setting["missing_seeds"] == [8]
+    (row,) = setting["rows"]
+    assert row["onset"] == {"student@4": 0.57, "teacher@50": 0.70, "teacher@50 (2nd draw)": 0.58}
+    assert row["snapshots"] == {"student@4": 0.4, "student@4, DMD step 400": 0.35}
+    assert row["failed_criteria"] == ["onset_agreement vs teacher@50"] and not row["run_criteria_ok"]
+    assert "| 0.57 / 0.70 / 0.58 | fail: onset_agreement vs teacher@50 |" in markdown(summary)
+
+
 def test_size_overrides_parse_literals_and_reject_unknown_fields():
     size = tw.with_overrides(tw.SIZES["gpu"], ["cfg=1.5", "dmd_steps=10", "student_sigmas=(1.0, 0.5)"])
     assert (size.cfg, size.dmd_steps, size.student_sigmas) == (1.5, 10, (1.0, 0.5))
