@@ -1,7 +1,14 @@
 """The DeepSpeed runner as a subprocess: a free rendezvous port, and the /dev/shm files its CPU
 all-reduce leaves behind (used by bench/toyworld.py and tests/launcher.py)."""
+import os
 import socket
 from pathlib import Path
+
+
+def pythonpath_with(repo: Path) -> str:
+    """`repo` first, then whatever PYTHONPATH already holds: packages installed with
+    `pip --target` (the GPU image's DeepSpeed, say) must stay importable in the subprocess."""
+    return os.pathsep.join([str(repo), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
 
 
 def free_port() -> int:

@@ -90,7 +90,7 @@ import numpy as np
 import torch
 
 from bench import toyworld_metrics as tm
-from bench.launching import free_port, remove_shm_buffers
+from bench.launching import free_port, pythonpath_with, remove_shm_buffers
 from distill.flow import RENOISE_MODES
 from precompute.shards import (
     VIDEO_LATENT_CHANNELS,
@@ -415,7 +415,7 @@ def launcher_devices(ranks: int, env: dict[str, str]) -> list[str]:
 
 def train(data: Path, out: Path, size: SizeConfig, steps: int, overrides: list[str], log: Path,
           save_every: int | None = None) -> None:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": pythonpath_with(REPO), "OMP_NUM_THREADS": "1"}
     if not torch.cuda.is_available():
         env["DS_ACCELERATOR"] = "cpu"
     port = free_port()
@@ -451,7 +451,7 @@ def train_teacher(data: Path, out: Path, size: SizeConfig) -> Path:
 
 def make_pairs(data: Path, out: Path, size: SizeConfig, teacher: Path) -> Path:
     """The recipe's teacher pairs (distill/pairs.py, one process): the first `size.pairs` clips by key."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": pythonpath_with(REPO), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "distill/pairs.py", "--config", "distill/configs/tiny.yaml", "--data", str(data),
            "--out", str(out / "pairs"), "--count", str(size.pairs), "--batch-size", "128",
            "--dtype", "float32" if size.fp32 or not torch.cuda.is_available() else "bfloat16",

@@ -5,14 +5,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.launching import free_port, remove_shm_buffers
+from bench.launching import free_port, pythonpath_with, remove_shm_buffers
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _command(script: Path, args: tuple[str, ...], nproc: int, env: dict | None) -> tuple[list[str], dict, int]:
     port = free_port()
-    full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
+    full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": pythonpath_with(REPO),
                 "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "ovi_dmd_torch_ext")),
                 **(env or {})}
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port", str(port),

@@ -17,6 +17,7 @@ from safetensors import safe_open
 
 from distill import evaluate
 from distill.eval_store import load_latents
+from bench.launching import pythonpath_with
 from launcher import REPO
 from test_sample import write_ppm
 
@@ -34,7 +35,7 @@ def write_prompts(folder: Path, rows=PROMPTS) -> Path:
 
 
 def run_evaluate(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": pythonpath_with(REPO)}
     proc = subprocess.run([sys.executable, "distill/evaluate.py", "--no-progress", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

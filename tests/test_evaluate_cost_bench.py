@@ -9,12 +9,13 @@ import sys
 import torch
 
 from bench.inference import build_dit
+from bench.launching import pythonpath_with
 from launcher import REPO
 
 
 def test_evaluate_cost_smoke(tmp_path):
     out = tmp_path / "cost.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": pythonpath_with(REPO)}
     proc = subprocess.run([sys.executable, "bench/evaluate_cost.py", "--smoke", "--out", str(out)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

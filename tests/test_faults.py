@@ -21,6 +21,7 @@ import pytest
 
 from clips import make_mixed_aspect_manifest, make_tiny_manifest
 from distill import checkpoint
+from bench.launching import pythonpath_with
 from launcher import REPO, Background, run_deepspeed
 from precompute.encode import rank_of, read_manifest
 from precompute.faults import KILL_MARK
@@ -93,7 +94,7 @@ def dataset(tmp_path_factory) -> Path:
     manifest = make_mixed_aspect_manifest(root / "clips")
     subprocess.run([sys.executable, str(ENCODE), "--manifest", str(manifest), "--shards", str(root / "data"),
                     "--variant", "tiny", "--samples-per-shard", "1"], cwd=REPO, check=True, capture_output=True, timeout=600,
-                   env={**os.environ, "PYTHONPATH": str(REPO)})
+                   env={**os.environ, "PYTHONPATH": pythonpath_with(REPO)})
     return root / "data"
 
 

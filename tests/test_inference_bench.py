@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from bench.inference import parse_variant
+from bench.launching import pythonpath_with
 from precompute.encoders.wan_vae import DecodeOptions, WanVideoVAE, denormalize_latent
 from precompute.encoders import wan_vae_modules
 from precompute.encoders.wan_vae_modules import WanVAEConfig, WanVAEModel, decode_chunks
@@ -144,7 +145,7 @@ def test_parse_variant():
 
 def test_smoke_run_writes_results(tmp_path):
     out = tmp_path / "res" / "inference.json"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": pythonpath_with(REPO)}
     proc = subprocess.run([sys.executable, "bench/inference.py", "--smoke", "--out", str(out)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -3,6 +3,8 @@ own truth through the metrics, and (the CI gate) the whole pipeline at --size ci
 DMD student must be closer to the world than the teacher run at 4 steps."""
 import dataclasses
 import math
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -216,6 +218,16 @@ def test_sweep_table_reads_each_run_and_shows_the_onset_draws():
     assert row["snapshots"] == {"student@4": 0.4, "student@4, DMD step 400": 0.35}
     assert row["failed_criteria"] == ["onset_agreement vs teacher@50"] and not row["run_criteria_ok"]
     assert "| 0.57 / 0.70 / 0.58 | fail: onset_agreement vs teacher@50 |" in markdown(summary)
+
+
+def test_runner_subprocess_keeps_the_callers_pythonpath(monkeypatch):
+    # the GPU image's DeepSpeed lives in a `pip --target` folder on PYTHONPATH; replacing PYTHONPATH
+    # with the repo made every toy run's launcher fail there (ModuleNotFoundError: deepspeed)
+    from bench.launching import pythonpath_with
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(["/opt/site", "/opt/other"]))
+    assert pythonpath_with(Path("/repo")).split(os.pathsep) == ["/repo", "/opt/site", "/opt/other"]
+    monkeypatch.delenv("PYTHONPATH")
+    assert pythonpath_with(Path("/repo")) == "/repo"
 
 
 def test_size_overrides_parse_literals_and_reject_unknown_fields():
