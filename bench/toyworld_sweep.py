@@ -14,7 +14,7 @@ mean student FD to the truth <= 1.1x teacher@50's (worst seed <= 1.25x), below t
 seed and <= 0.8x it in the mean; with guidance, the FD to teacher@50's samples <= 0.5x teacher@4's
 in the mean and below it on every seed, and the FD to the truth <= 1.1x teacher@50's in the mean;
 in every setting each run's own `criteria` (modes, A/V onset, diversity, drift). Writes
-OUT/sweep.json and OUT/sweep.md.
+OUT/sweep.json and OUT/sweep.md (`--table-only`: from the runs already in OUT, training nothing).
 """
 from __future__ import annotations
 
@@ -95,14 +95,18 @@ def sweep(size: str, seeds: list[int], cfgs: list[float], out: Path, parallel: i
               "--out", str(run_dir(out, s, c)), *common, f"cfg={c}"],
              run_dir(out, s, c).with_suffix(".log")) for s, c in runs]
     codes = run_all(jobs, parallel, gpus)
-    reports = {}
-    for (s, c), code in zip(runs, codes):
-        path = run_dir(out, s, c) / "results.json"
-        reports[(s, c)] = json.loads(path.read_text()) if code == 0 and path.is_file() else None
+    reports = read_reports(out, seeds, cfgs)
+    reports.update({run: None for run, code in zip(runs, codes) if code != 0})
     summary = summarise(reports, seeds, cfgs)
     summary["timings"] = {"teachers_s": teacher_s, "dmd_s": time.time() - t0 - teacher_s, "parallel": parallel,
                           "gpus": gpus}
     return summary
+
+
+def read_reports(out: Path, seeds: list[int], cfgs: list[float]) -> dict:
+    """{(seed, cfg): the run's results.json, or None where the run left none}."""
+    path = lambda s, c: run_dir(out, s, c) / "results.json"
+    return {(s, c): json.loads(path(s, c).read_text()) if path(s, c).is_file() else None for c in cfgs for s in seeds}
 
 
 def _ratio_of_means(a: list[float], b: list[float]) -> float:
@@ -130,6 +134,8 @@ def summarise(reports: dict, seeds: list[int], cfgs: list[float]) -> dict:
                          "teacher@4 to t50": r["teacher@4"]["fd_ref_mean"], "student to t50": r["student@4"]["fd_ref_mean"],
                          "t50 floor": r["teacher@50 (2nd draw)"]["fd_ref_mean"],
                          "undistilled to t50": r["undistilled@4"]["fd_ref_mean"],
+                         # where DMD starts: the fine-tuned model at 4 steps with guided_steps, else the teacher's
+                         "init to t50": r.get("undistilled guided@4", r["undistilled@4"])["fd_ref_mean"],
                          "guided@50 to t50": r["guided@50"]["fd_ref_mean"] if "guided@50" in r else None,
                          "onset": {name: r[name]["onset_agreement"] for name in ONSET_SAMPLERS},
                          "snapshots": snapshots, "evaluator": evaluator, "run_criteria_ok": all(v["ok"] for v in report["criteria"].values()),
@@ -206,14 +212,14 @@ def markdown(summary: dict) -> str:
     lines = []
     for c, setting in summary["settings"].items():
         lines += [f"### CFG {c}{' (no guidance: judged against the truth)' if c == '1' else ' + SLG (judged against teacher@50)'}",
-                  "", "| seed | teacher@50 | teacher@4 | student | t@4 → t50 | student → t50 | t50 floor | guided@50 → t50 | student along DMD | onset: student / t50 / t50 again | own criteria |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|"]
+                  "", "| seed | teacher@50 | teacher@4 | student | t@4 → t50 | init → t50 | student → t50 | t50 floor | guided@50 → t50 | student along DMD | onset: student / t50 / t50 again | own criteria |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|"]
         for row in setting["rows"]:
             along = " / ".join(f"{v:.3f}" for v in row["snapshots"].values())
             onset = " / ".join(f"{row['onset'][name]:.2f}" for name in ONSET_SAMPLERS) if "onset" in row else "-"
             own = "pass" if row["run_criteria_ok"] else "fail: " + ", ".join(row["failed_criteria"])
             lines.append(f"| {row['seed']} | {row['teacher@50']:.3f} | {row['teacher@4']:.3f} | {row['student']:.3f} | "
-                         f"{row['teacher@4 to t50']:.3f} | {row['student to t50']:.3f} | {row['t50 floor']:.3f} | "
+                         f"{row['teacher@4 to t50']:.3f} | {row.get('init to t50', float('nan')):.3f} | {row['student to t50']:.3f} | {row['t50 floor']:.3f} | "
                          f"{'-' if row['guided@50 to t50'] is None else format(row['guided@50 to t50'], '.3f')} | {along} | {onset} | {own} |")
         if setting["missing_seeds"]:
             lines.append(f"\nruns that failed (no results): seeds {setting['missing_seeds']}")
@@ -240,13 +246,20 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--teachers-only", action="store_true",
                         help="train the seeds' teachers and stop (a later sweep into OUT reuses them)")
+    parser.add_argument("--table-only", action="store_true",
+                        help="train nothing: the table of the runs already in OUT (e.g. after a change to the table)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.teachers_only:
         seconds = train_teachers(args.size, args.seeds, args.out, args.parallel, args.set)
         print(f"teachers of seeds {args.seeds} in {args.out} ({seconds:.0f} s)")
         return 0
-    summary = sweep(args.size, args.seeds, args.cfgs, args.out, args.parallel, args.set, args.drift_factor)
+    if args.table_only:
+        summary = summarise(read_reports(args.out, args.seeds, args.cfgs), args.seeds, args.cfgs)
+        if (earlier := args.out / "sweep.json").is_file():   # the training run's timings stay
+            summary["timings"] = json.loads(earlier.read_text()).get("timings")
+    else:
+        summary = sweep(args.size, args.seeds, args.cfgs, args.out, args.parallel, args.set, args.drift_factor)
     table = markdown(summary)
     (args.out / "sweep.json").write_text(json.dumps(summary, indent=2) + "\n")
     (args.out / "sweep.md").write_text(table + "\n")

@@ -2,6 +2,7 @@
 own truth through the metrics, and (the CI gate) the whole pipeline at --size ci: the 4-step
 DMD student must be closer to the world than the teacher run at 4 steps."""
 import dataclasses
+import json
 import math
 import os
 from pathlib import Path
@@ -202,11 +203,12 @@ def test_sweep_verdict_applies_the_issue_bars_over_seeds():
     assert spearman([1, 2, 3], [10, 20, 30]) == pytest.approx(1.0) and spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
 
 
-def test_sweep_table_reads_each_run_and_shows_the_onset_draws():
-    from bench.toyworld_sweep import markdown, summarise
+def test_sweep_table_reads_each_run_and_shows_the_onset_draws(tmp_path):
+    from bench.toyworld_sweep import main, markdown, run_dir, summarise
     sampler = lambda fd, ref, onset: {"fd_mean": fd, "fd_ref_mean": ref, "onset_agreement": onset}
     results = {"teacher@50": sampler(5.0, 0.0, 0.70), "teacher@50 (2nd draw)": sampler(5.1, 0.3, 0.58),
                "teacher@4": sampler(9.0, 2.0, 0.60), "undistilled@4": sampler(8.0, 1.5, 0.50),
+               "undistilled guided@4": sampler(6.0, 1.2, 0.50),
                "student@4": sampler(5.2, 0.4, 0.57), "student@4, DMD step 400": sampler(5.1, 0.35, 0.60)}
     report = {"results": results, "config": {"dmd_steps": 200},
               "criteria": {"onset_agreement vs teacher@50": {"ok": False}, "fd_mean vs teacher@50": {"ok": True}}}
@@ -216,8 +218,14 @@ def test_sweep_table_reads_each_run_and_shows_the_onset_draws():
     (row,) = setting["rows"]
     assert row["onset"] == {"student@4": 0.57, "teacher@50": 0.70, "teacher@50 (2nd draw)": 0.58}
     assert row["snapshots"] == {"student@4": 0.4, "student@4, DMD step 400": 0.35}
+    assert row["init to t50"] == 1.2   # DMD starts from the fine-tuned model when there is one
     assert row["failed_criteria"] == ["onset_agreement vs teacher@50"] and not row["run_criteria_ok"]
     assert "| 0.57 / 0.70 / 0.58 | fail: onset_agreement vs teacher@50 |" in markdown(summary)
+    # --table-only: the same table from the runs already in OUT, nothing trained
+    run_dir(tmp_path, 7, 2.0).mkdir()
+    (run_dir(tmp_path, 7, 2.0) / "results.json").write_text(json.dumps(report))
+    assert main(["--size", "ci", "--seeds", "7", "8", "--cfgs", "2", "--out", str(tmp_path), "--table-only"]) == 0
+    assert (tmp_path / "sweep.md").read_text() == markdown(summary) + "\n"
 
 
 def test_runner_subprocess_keeps_the_callers_pythonpath(monkeypatch):
