@@ -216,10 +216,10 @@ def markdown(summary: dict) -> str:
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|"]
         for row in setting["rows"]:
             along = " / ".join(f"{v:.3f}" for v in row["snapshots"].values())
-            onset = " / ".join(f"{row['onset'][name]:.2f}" for name in ONSET_SAMPLERS) if "onset" in row else "-"
+            onset = " / ".join(f"{row['onset'][name]:.2f}" for name in ONSET_SAMPLERS)
             own = "pass" if row["run_criteria_ok"] else "fail: " + ", ".join(row["failed_criteria"])
             lines.append(f"| {row['seed']} | {row['teacher@50']:.3f} | {row['teacher@4']:.3f} | {row['student']:.3f} | "
-                         f"{row['teacher@4 to t50']:.3f} | {row.get('init to t50', float('nan')):.3f} | {row['student to t50']:.3f} | {row['t50 floor']:.3f} | "
+                         f"{row['teacher@4 to t50']:.3f} | {row['init to t50']:.3f} | {row['student to t50']:.3f} | {row['t50 floor']:.3f} | "
                          f"{'-' if row['guided@50 to t50'] is None else format(row['guided@50 to t50'], '.3f')} | {along} | {onset} | {own} |")
         if setting["missing_seeds"]:
             lines.append(f"\nruns that failed (no results): seeds {setting['missing_seeds']}")
