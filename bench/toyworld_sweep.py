@@ -13,7 +13,8 @@ Per CFG it prints each seed and the issue-16 bar over the seeds (`verdict`): wit
 mean student FD to the truth <= 1.1x teacher@50's (worst seed <= 1.25x), below teacher@4 on every
 seed and <= 0.8x it in the mean; with guidance, the FD to teacher@50's samples <= 0.5x teacher@4's
 in the mean and below it on every seed, and the FD to the truth <= 1.1x teacher@50's in the mean;
-in every setting each run's own `criteria` (modes, A/V onset, diversity, drift). Writes
+in every setting each run's own `criteria` (modes, A/V onset, diversity, drift), and the judge's own
+spread (a second teacher@50 draw against the same truth). Writes
 OUT/sweep.json and OUT/sweep.md (`--table-only`: from the runs already in OUT, training nothing).
 """
 from __future__ import annotations
@@ -130,6 +131,8 @@ def summarise(reports: dict, seeds: list[int], cfgs: list[float]) -> dict:
             snapshots = {name: r[name][target_key(c)] for name in students}
             evaluator = {name: r[name]["evaluator"]["score"] for name in students if "evaluator" in r[name]}
             rows.append({"seed": s, "teacher@50": r[REFERENCE]["fd_mean"], "teacher@4": r["teacher@4"]["fd_mean"],
+                         # the judge's own spread: teacher@50 again, from other noise, against the same truth
+                         "teacher@50 again": r["teacher@50 (2nd draw)"]["fd_mean"],
                          "student": r["student@4"]["fd_mean"],
                          "teacher@4 to t50": r["teacher@4"]["fd_ref_mean"], "student to t50": r["student@4"]["fd_ref_mean"],
                          "t50 floor": r["teacher@50 (2nd draw)"]["fd_ref_mean"],
@@ -141,7 +144,7 @@ def summarise(reports: dict, seeds: list[int], cfgs: list[float]) -> dict:
                          "snapshots": snapshots, "evaluator": evaluator, "run_criteria_ok": all(v["ok"] for v in report["criteria"].values()),
                          "failed_criteria": [k for k, v in report["criteria"].items() if not v["ok"]]})
         out["settings"][f"{c:g}"] = {"rows": rows, "missing_seeds": missing, "verdict": verdict(rows, c) if rows else {},
-                                     "evaluator": evaluator_agreement(rows)}
+                                     "judge_spread": judge_spread(rows), "evaluator": evaluator_agreement(rows)}
     return out
 
 
@@ -189,6 +192,16 @@ def evaluator_agreement(rows: list[dict]) -> dict:
             "mean_spearman": float(np.nanmean([r["spearman"] for r in out])) if out else float("nan")}
 
 
+def judge_spread(rows: list[dict]) -> dict:
+    """How far the bars' own yardstick moves: a second teacher@50 draw's FD to the truth over the first's
+    (per seed, and the mean as the CFG 1 bar computes it). A student/teacher@50 ratio is only resolved
+    beyond this."""
+    ratios = [row["teacher@50 again"] / row["teacher@50"] for row in rows]
+    return {"per_seed": ratios, "largest_change": max((abs(r - 1) for r in ratios), default=float("nan")),
+            "mean_ratio": _ratio_of_means([row["teacher@50 again"] for row in rows], [row["teacher@50"] for row in rows])
+            if rows else float("nan")}
+
+
 def verdict(rows: list[dict], cfg: float) -> dict[str, dict]:
     col = lambda key: [row[key] for row in rows]
     checks = {}
@@ -212,13 +225,13 @@ def markdown(summary: dict) -> str:
     lines = []
     for c, setting in summary["settings"].items():
         lines += [f"### CFG {c}{' (no guidance: judged against the truth)' if c == '1' else ' + SLG (judged against teacher@50)'}",
-                  "", "| seed | teacher@50 | teacher@4 | student | t@4 → t50 | init → t50 | student → t50 | t50 floor | guided@50 → t50 | student along DMD | onset: student / t50 / t50 again | own criteria |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|"]
+                  "", "| seed | teacher@50 | t50 again | teacher@4 | student | t@4 → t50 | init → t50 | student → t50 | t50 floor | guided@50 → t50 | student along DMD | onset: student / t50 / t50 again | own criteria |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|"]
         for row in setting["rows"]:
             along = " / ".join(f"{v:.3f}" for v in row["snapshots"].values())
             onset = " / ".join(f"{row['onset'][name]:.2f}" for name in ONSET_SAMPLERS)
             own = "pass" if row["run_criteria_ok"] else "fail: " + ", ".join(row["failed_criteria"])
-            lines.append(f"| {row['seed']} | {row['teacher@50']:.3f} | {row['teacher@4']:.3f} | {row['student']:.3f} | "
+            lines.append(f"| {row['seed']} | {row['teacher@50']:.3f} | {row['teacher@50 again']:.3f} | {row['teacher@4']:.3f} | {row['student']:.3f} | "
                          f"{row['teacher@4 to t50']:.3f} | {row['init to t50']:.3f} | {row['student to t50']:.3f} | {row['t50 floor']:.3f} | "
                          f"{'-' if row['guided@50 to t50'] is None else format(row['guided@50 to t50'], '.3f')} | {along} | {onset} | {own} |")
         if setting["missing_seeds"]:
@@ -226,6 +239,10 @@ def markdown(summary: dict) -> str:
         lines.append("")
         for name, check in setting["verdict"].items():
             lines.append(f"- {'PASS' if check['ok'] else 'FAIL'} {name}: {check['value']:.3f}")
+        if setting["rows"]:
+            spread = setting["judge_spread"]
+            lines.append(f"- the judge's spread: a second teacher@50 draw's FD to the truth is {spread['mean_ratio']:.3f}x "
+                         f"the first's in the mean, up to {spread['largest_change']:.1%} off on one seed")
         agreement = setting["evaluator"]
         for run in agreement["runs"]:
             lines.append(f"- evaluator (seed {run['seed']}): picks {run['picked']} at FD {run['picked_fd']:.3f}, "

@@ -221,6 +221,9 @@ def test_sweep_table_reads_each_run_and_shows_the_onset_draws(tmp_path):
     assert row["init to t50"] == 1.2   # DMD starts from the fine-tuned model when there is one
     assert row["failed_criteria"] == ["onset_agreement vs teacher@50"] and not row["run_criteria_ok"]
     assert "| 0.57 / 0.70 / 0.58 | fail: onset_agreement vs teacher@50 |" in markdown(summary)
+    # the judge's own spread: the second teacher@50 draw is 5.1 / 5.0 of the first against the truth
+    assert row["teacher@50 again"] == 5.1 and setting["judge_spread"]["per_seed"] == [pytest.approx(1.02)]
+    assert "| 7 | 5.000 | 5.100 | 9.000 |" in markdown(summary) and "up to 2.0% off on one seed" in markdown(summary)
     # --table-only: the same table from the runs already in OUT, nothing trained
     run_dir(tmp_path, 7, 2.0).mkdir()
     (run_dir(tmp_path, 7, 2.0) / "results.json").write_text(json.dumps(report))
