@@ -295,6 +295,10 @@ class SizeConfig:
     # "Guided DMD").
     guided_steps: int = 0
     guided_lr: float = 5e-4
+    # finetune_unguided: with guided_steps, fine-tune on the teacher's own 50-step samples without
+    # guidance too (the teacher's score is not exactly its samples' score: session 12's CFG 1 runs
+    # moved away from teacher@50 along DMD)
+    finetune_unguided: bool = False
 
     def __post_init__(self) -> None:
         # before the teacher trains, not after
@@ -330,15 +334,18 @@ UNIFORM_SIGMAS = (1.0, 0.75, 0.5, 0.25)
 
 SIZES = {
     # The CI gate's size (CPU): guided (CFG 2, SLG block 1), judged against teacher@50's samples. The
-    # recipe (session 10): the teacher fine-tuned for 400 steps at 5e-4 on 1,024 of its own CFG+SLG
-    # samples, then plain DMD (no CFG: the fine-tuned model is the guided samples' score) from it,
-    # both rates cosine to 0.1 over the DMD steps from 1.2e-4 / 1.6e-3. Picked by bench/dmd_lab.py
-    # --select on tuning seed 1 at this scale (bench/RESULTS.md, "Guided DMD"); on held-out seeds
-    # 21-23 it met every FD bar of issue 16 at CFG 1, 2 and 3 without drift (CPU, session 10); on
-    # held-out seeds 41-43 it missed the guided bars (session 11: DMD stops short of the fine-tune's
-    # samples where its 4-step start is far from them).
+    # recipe: the teacher fine-tuned for 400 steps at 5e-4 on 1,024 of its own CFG+SLG samples, then
+    # plain DMD (no CFG: the fine-tuned model is the guided samples' score) from it, both rates cosine
+    # to 0.1 over the 400 DMD steps from 1.2e-4 / 1.6e-3. Session 10 picked it with bench/dmd_lab.py
+    # --select on tuning seed 1 at 200 steps; that horizon missed the guided bars on held-out seeds
+    # 41-43 (DMD stopped short of the fine-tune's samples where its 4-step start was far from them,
+    # the rates already at their floor). 400 steps came from diagnostic seed 42 at constant rates (at
+    # its target by step 400); on fresh seeds 51-53 (CPU), 61-63 (one H100) and 71-73 (CPU) every
+    # guided mean bar of issue 16 held (0.24x / 0.15x teacher@4 at CFG 2 / 3), 11 of 12 guided runs
+    # held over 800 steps, CFG 1 missed its mean bar on two of the three sets (bench/RESULTS.md,
+    # "Guided DMD", session 12).
     "ci": SizeConfig(world=WorldConfig(num_classes=3), train_per_class=512, eval_per_class=64, truth_per_class=1000,
-                     flow_steps=400, dmd_steps=200, batch_size=64, flow_lr=2e-3, generator_lr=1.2e-4, critic_lr=1.6e-3,
+                     flow_steps=400, dmd_steps=400, batch_size=64, flow_lr=2e-3, generator_lr=1.2e-4, critic_lr=1.6e-3,
                      critic_ratio=5, cfg=2.0, ranks=1, fp32=True, student_sigmas=UNIFORM_SIGMAS, renoise="implied",
                      dmd_snapshots=2, regression_weight=0.0, lr_decay="cosine", lr_min_ratio=0.1, pairs=1024,
                      guided_steps=400, guided_lr=5e-4),
@@ -346,10 +353,10 @@ SIZES = {
     # GPU (~0.1 s per forward pass through a ZeRO-3 engine: DeepSpeed's per-module hooks), so this size
     # buys batch, not steps. Per-tower rates video 4x / audio 0.25x (sessions 7-8: the audio tower
     # overshot with one rate). The DMD recipe is the ci size's (guided fine-tune on 2,048 pairs for 400
-    # steps: the same 25 epochs at twice the batch; cosine to 0.1 from 1.2e-4 / 1.6e-3) at 300 steps; it
-    # has NOT run at this size.
+    # steps: the same 25 epochs at twice the batch; cosine to 0.1 over 400 DMD steps from 1.2e-4 / 1.6e-3);
+    # it has NOT run at this size.
     "gpu": SizeConfig(world=WorldConfig(num_classes=3), train_per_class=2048, eval_per_class=256, truth_per_class=4000,
-                      flow_steps=800, dmd_steps=300, batch_size=128, flow_lr=2e-3, generator_lr=1.2e-4, critic_lr=1.6e-3,
+                      flow_steps=800, dmd_steps=400, batch_size=128, flow_lr=2e-3, generator_lr=1.2e-4, critic_lr=1.6e-3,
                       critic_ratio=5, cfg=1.0, ranks=1, ds_config="ds_configs/zero3.json", student_sigmas=UNIFORM_SIGMAS, fp32=True,
                       dmd_snapshots=2, renoise="implied", video_lr_scale=4.0, audio_lr_scale=0.25, pairs=2048,
                       regression_weight=0.0, guided_steps=400, guided_lr=5e-4,
@@ -526,7 +533,8 @@ REFERENCE = "teacher@50"              # what a guided student should match
 REFERENCE_FLOOR = "teacher@50 (2nd draw)"  # teacher@50 from other noise: the floor of the distance to it
 
 
-def sample_all(teacher, students: dict, size: SizeConfig, device, guided=None) -> dict[str, dict[int, dict]]:
+def sample_all(teacher, students: dict, size: SizeConfig, device, guided=None,
+               noise_seed: int | None = None) -> dict[str, dict[int, dict]]:
     """{sampler: {class: {"video", "audio"}}} with the same starting noise for every sampler (and
     other noise for the reference's second draw).
 
@@ -534,10 +542,12 @@ def sample_all(teacher, students: dict, size: SizeConfig, device, guided=None) -
     starts from without guided_steps): the control that shows what distillation itself adds. With a
     `guided` model (SizeConfig.guided_steps), "guided@50" is its own 50-step sampling without
     guidance (the distribution DMD then aims at) and "undistilled guided@4" the student's sampler
-    with its weights (where DMD then starts)."""
+    with its weights (where DMD then starts). noise_seed: other starting noise than the run's own
+    (bench/toyworld_redraw.py)."""
     from distill.flow import STUDENT_SIGMAS
     from distill.sampling import TeacherSamplerConfig, sample_student, sample_teacher
-    world, n, seed = size.world, size.eval_per_class, size.seeded(7)
+    world, n = size.world, size.eval_per_class
+    seed = size.seeded(7) if noise_seed is None else noise_seed
     prompts = class_prompts(world)
     neg = padded(null_prompt(), n, device)
     names = [REFERENCE, REFERENCE_FLOOR, "teacher@4", "undistilled@4", *(["guided@50", "undistilled guided@4"] if guided else []),
@@ -733,7 +743,7 @@ def run(size_name: str, out: Path, size: SizeConfig | None = None, teacher: Path
     if teacher_only:
         return {"size": size_name, "config": asdict(size), "teacher": str(teacher_path),
                 "timings": {**timings, "train_s": time.perf_counter() - t0}}
-    guided_target = size.guided_steps > 0 and size.cfg > 1  # unguided, the teacher is its own samples' score
+    guided_target = size.guided_steps > 0 and (size.cfg > 1 or size.finetune_unguided)
     pairs = make_pairs(out / "data", out, size, teacher_path) if size.regression_weight or guided_target else None
     guided = guided_finetune(out / "data", pairs, out, size, teacher_path) if guided_target else None
     student_paths = (train_student(out / "data", out, size, guided, guidance="samples") if guided
@@ -757,6 +767,12 @@ def run(size_name: str, out: Path, size: SizeConfig | None = None, teacher: Path
               "teacher": str(teacher) if teacher else "trained by this run"}
     (out / "results.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     return report
+
+
+def size_from_config(config: dict) -> SizeConfig:
+    """The SizeConfig a run wrote to its results.json ("config"), back (JSON made its tuples lists)."""
+    tuples = lambda d: {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+    return SizeConfig(**tuples({**config, "world": WorldConfig(**tuples(config["world"]))}))
 
 
 def with_overrides(size: SizeConfig, assignments: list[str]) -> SizeConfig:

@@ -312,6 +312,32 @@ def test_ci_size_guided_student_beats_the_teacher_at_four_steps(tmp_path):
     assert again["teacher"] == str(teacher) and not (tmp_path / "again" / "teacher_run").exists()
     assert (tmp_path / "again" / "student.safetensors").is_file() and "student@4" in again["results"]
 
+    # bench/toyworld_redraw.py: the run's own noise gives back its numbers; other noise, other numbers
+    from bench.toyworld_redraw import redraw, resample
+    own, other = resample(tmp_path / "again", [quick.seeded(7), quick.seeded(7) + 100_000], torch.device("cpu"))
+    for name in ("teacher@4", "student@4", "student@4, DMD step 2"):
+        assert own[name]["fd_ref_mean"] == pytest.approx(again["results"][name]["fd_ref_mean"], rel=1e-6), name
+        assert own[name]["fd_mean"] == pytest.approx(again["results"][name]["fd_mean"], rel=1e-6), name
+    assert other["student@4"]["fd_ref_mean"] != pytest.approx(own["student@4"]["fd_ref_mean"], rel=1e-3)
+    draws = redraw(tmp_path / "again", 1, torch.device("cpu"))["draws"]
+    assert len(draws) == 2 and draws[0]["student / teacher@4 (fd_ref_mean)"] == pytest.approx(
+        again["results"]["student@4"]["fd_ref_mean"] / again["results"]["teacher@4"]["fd_ref_mean"])
+
+
+def test_a_runs_size_reads_back_from_its_results_json():
+    for size in tw.SIZES.values():
+        assert tw.size_from_config(json.loads(json.dumps(dataclasses.asdict(size)))) == size
+
+
+def test_redraw_names_a_run_without_its_exports(tmp_path):
+    from bench.toyworld_redraw import main
+    with pytest.raises(SystemExit, match="no results.json"):
+        main([str(tmp_path)])
+    report = {"config": dataclasses.asdict(tw.SIZES["ci"]), "teacher": "trained by this run", "results": {}}
+    (tmp_path / "results.json").write_text(json.dumps(report))
+    with pytest.raises(SystemExit, match=r"exports are gone \(.*student.safetensors"):
+        main([str(tmp_path)])
+
 
 def test_teacher_of_another_depth_stops_before_any_work(tmp_path):
     from distill.models import OviFusion, variant_config
