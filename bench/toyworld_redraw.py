@@ -69,13 +69,14 @@ def resample(run: Path, noise_seeds: list[int], device: torch.device) -> list[di
 
 
 def redraw(run: Path, draws: int, device: torch.device) -> dict:
+    """Draw 0 (the run's own results) and `draws` more from other noise: the verdict ratios of each, and
+    every sampler's setting distance."""
     report, size = read_run(run)
-    results = resample(run, [size.seeded(7) + 100_000 * d for d in range(1, draws + 1)], device)
+    per_draw = [report["results"], *resample(run, [size.seeded(7) + 100_000 * d for d in range(1, draws + 1)], device)]
     key = target_key(size.cfg)
-    draws = (report["results"], *results)
     return {"run": str(run), "cfg": size.cfg, "seed": size.seed,
-            "draws": [ratios(r, size.cfg, size.dmd_steps) for r in draws],
-            f"{key} per draw": [{name: m[key] for name, m in r.items() if key in m} for r in draws]}
+            "draws": [ratios(r, size.cfg, size.dmd_steps) for r in per_draw],
+            f"{key} per draw": [{name: m[key] for name, m in r.items() if key in m} for r in per_draw]}
 
 
 def main(argv=None) -> int:
