@@ -227,16 +227,24 @@ def save_atomic(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def finetune_on_pairs(teacher, pairs: Pairs, cfg, steps: int, batch: int, lr: float, seed: int) -> OviFusion:
-    """The teacher fine-tuned by flow matching on the guided teacher's samples (the pairs' targets)."""
+def finetune_on_pairs(teacher, pairs: Pairs, cfg, steps: int, batch: int, lr: float, seed: int,
+                      ema_decay: float = 0.0, decay: str = "constant") -> OviFusion:
+    """The teacher fine-tuned by flow matching on the guided teacher's samples (the pairs' targets);
+    ema_decay > 0: the EMA of its weights over the second half (as the teacher's own training);
+    decay: the rate's schedule over the steps (constant | cosine | linear, to zero)."""
     model = copy.deepcopy(teacher).train().requires_grad_(True)
-    optim = replace(cfg.generator_optim, lr=lr, betas=(0.9, 0.999), lr_scale_video=1, lr_scale_audio=1)
+    optim = replace(cfg.generator_optim, lr=lr, betas=(0.9, 0.999), lr_scale_video=1, lr_scale_audio=1,
+                    schedule=replace(cfg.generator_optim.schedule, decay=decay, decay_steps=steps, min_ratio=0.0))
     opt = adamw(model, optim)
+    ema = EMA(model, ema_decay, steps // 2) if ema_decay > 0 else None
     rng = torch.Generator(DEVICE).manual_seed(seed * 7919)
-    for _ in range(steps):
+    for step in range(steps):
+        set_learning_rates(opt, optim, lr_factor(optim.schedule, step, steps))
         loss, _ = dmd.flow_loss(model, pairs.batch(batch), replace(cfg.dmd, flow_shift=3.0), rng)
         clip_and_step(model, opt, loss, 1.0)
-    return model.eval().requires_grad_(False)
+        if ema is not None:
+            ema.update(model, step)
+    return (ema.model if ema is not None else model).eval().requires_grad_(False)
 
 
 def run(args) -> dict:
@@ -290,7 +298,8 @@ def run(args) -> dict:
         # DMD against a score of the guided teacher's samples (no CFG at DMD time): the teacher
         # fine-tuned by flow matching on its own pairs' samples
         t0 = time.time()
-        real = finetune_on_pairs(teacher, pairs, cfg, args.real_score_steps, args.batch, args.real_score_lr, args.seed)
+        real = finetune_on_pairs(teacher, pairs, cfg, args.real_score_steps, args.batch, args.real_score_lr, args.seed,
+                                 ema_decay=args.real_score_ema, decay=args.real_score_decay)
         dmd_cfg = replace(cfg.dmd, guidance="samples")
         r = judge(sample_set(real, world, n, 1.0, None, 50, sigmas, None))
         report["real_score@50"] = r
@@ -387,6 +396,9 @@ def main(argv=None):
     p.add_argument("--real-score-steps", type=int, default=0,
                    help="DMD against the teacher fine-tuned on its guided pairs for this many steps (0: the guided teacher)")
     p.add_argument("--real-score-lr", type=float, default=5e-4)
+    p.add_argument("--real-score-ema", type=float, default=0.0, help="EMA decay of the fine-tune (0: raw weights)")
+    p.add_argument("--real-score-decay", default="constant", choices=("constant", "cosine", "linear"),
+                   help="the fine-tune's rate schedule, to zero over its steps")
     p.add_argument("--init-from-real", action="store_true", help="generator and fake score start from the real score")
     p.add_argument("--set", nargs="*", default=[])
     args = p.parse_args(argv)

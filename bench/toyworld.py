@@ -475,13 +475,16 @@ def make_pairs(data: Path, out: Path, size: SizeConfig, teacher: Path) -> Path:
 def guided_finetune(data: Path, pairs: Path, out: Path, size: SizeConfig, teacher: Path) -> Path:
     """The teacher fine-tuned by flow matching on its own guided samples (distill/train.py, objective
     flow with data.pairs, as the Ovi recipes run it): the score of the distribution that 50-step
-    CFG+SLG sampling lands on, which DMD then queries without guidance (dmd.guidance=samples)."""
+    CFG+SLG sampling lands on, which DMD then queries without guidance (dmd.guidance=samples).
+    Exported as the EMA of its second half, the teacher's own rule: the raw weights at a constant
+    rate carried enough noise that their samples sat far from the pairs' (bench/RESULTS.md, "Guided
+    DMD", session 13)."""
     flow = ["objective=flow", f"model.checkpoint={teacher}", f"data.pairs={pairs}", f"generator_optim.lr={size.guided_lr}",
             "generator_optim.betas=[0.9,0.999]", "generator_optim.grad_clip=1.0", f"dmd.flow_shift={size.flow_shift}",
             f"dmd.cfg_video={size.cfg}", f"dmd.cfg_audio={size.cfg}", f"dmd.slg_block={_slg(size)}",
-            "ema.enabled=false", *size.extra_flow]
+            "ema.decay=0.99", f"ema.start_step={size.guided_steps // 2}", *size.extra_flow]
     train(data, out / "guided_run", size, size.guided_steps, flow, out / "guided_train.log")
-    return export(out / "guided_run", out / "guided.safetensors", raw=True)
+    return export(out / "guided_run", out / "guided.safetensors", raw=False)
 
 
 def _slg(size: SizeConfig) -> str:
