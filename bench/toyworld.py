@@ -342,7 +342,9 @@ SIZES = {
     # held over 800 steps. CFG 1, then DMD against the teacher itself, missed its mean bar on two of
     # the three sets; with the same fine-tune on the teacher's own (unguided) samples it met every
     # CFG 1 bar on fresh seeds 81-83, so the fine-tune now runs at every CFG (bench/RESULTS.md,
-    # "Guided DMD", session 12).
+    # "Guided DMD", session 12). On fresh seeds 91-93 (one H100) that recipe missed the FD-to-truth
+    # bars: the fine-tune's raw weights sampled 1.03-1.34x farther from the truth than teacher@50 did.
+    # Exported as its EMA (session 13) the fine-tune sits at teacher@50's samples.
     "ci": SizeConfig(world=WorldConfig(num_classes=3), train_per_class=512, eval_per_class=64, truth_per_class=1000,
                      flow_steps=400, dmd_steps=400, batch_size=64, flow_lr=2e-3, generator_lr=1.2e-4, critic_lr=1.6e-3,
                      critic_ratio=5, cfg=2.0, ranks=1, fp32=True, student_sigmas=UNIFORM_SIGMAS, renoise="implied",
