@@ -29,5 +29,6 @@ def test_ovi_dmd_recipe_and_its_guided_finetune_agree(name):
     for field in ("cfg_video", "cfg_audio", "slg_block"):   # the pairs' guidance, checked by the trainer
         assert getattr(dmd.dmd, field) == getattr(guided.dmd, field)
     assert dmd.data.i2v_ratio == guided.data.i2v_ratio    # the fine-tune covers every mode DMD draws
+    assert guided.ema.enabled   # its export is the EMA (the README's command has no --raw)
     checkpoint = lambda recipe: yaml.safe_load((CONFIGS / f"{recipe}.yaml").read_text())["model"]["checkpoint"]
     assert "_guided" in checkpoint(name) and "_guided" not in checkpoint(f"{name}_guided")
