@@ -56,11 +56,16 @@ def read_run(run: Path) -> tuple[dict, SizeConfig]:
     return report, size_from_config(report["config"])
 
 
+def run_teacher(run: Path, report: dict) -> Path:
+    """The teacher export the run distilled (its own, or the --teacher it was given)."""
+    return run / "teacher.safetensors" if report["teacher"] == "trained by this run" else Path(report["teacher"])
+
+
 def resample(run: Path, noise_seeds: list[int], device: torch.device) -> list[dict]:
     """Every sampler's metrics per noise seed, against the run's own truth draw (the run's own seed,
     size.seeded(7), gives back its results.json)."""
     report, size = read_run(run)
-    teacher = run / "teacher.safetensors" if report["teacher"] == "trained by this run" else Path(report["teacher"])
+    teacher = run_teacher(run, report)
     load = lambda path: load_model(path, size.num_layers, device)
     students = {name: load(path) for name, path in exported_students(run, size.dmd_steps).items()}
     guided = load(run / "guided.safetensors") if (run / "guided.safetensors").is_file() else None

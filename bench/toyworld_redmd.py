@@ -1,0 +1,83 @@
+"""A finished toy-world run's DMD stage again, with changes: the same dataset, teacher and guided
+fine-tune, so a change to DMD alone is measured against that run's own students.
+
+    python bench/toyworld_redmd.py RUN OUT [--set FIELD=VALUE ...] [--dmd KEY=VALUE ...]
+
+RUN is a guided bench/toyworld.py output folder (a sweep's seedS_cfgC) that still holds its data,
+pairs and guided.safetensors. `--set` changes the run's size (bench/toyworld.py fields, e.g.
+generator_lr=6e-5 drift_factor=2), `--dmd` adds trainer overrides after the recipe's (e.g.
+dmd.critic_ratio=10). Every snapshot is sampled from the run's own noise and measured three ways:
+FD to teacher@50's samples (the guided student's target), to the fine-tune's own 50-step samples
+(guided@50: the distribution DMD aims at) and to the truth. Session 14 found the drift of issue 16
+this way (bench/results/dmd_drift_ablation_cpu_s14.json).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from bench import toyworld as tw
+from bench.toyworld_redraw import read_run, run_teacher
+
+FINE_TUNE = "guided@50"
+KEEP = ("to_t50", "to_guided50", "to_truth", "diversity", "onset")
+
+
+def distances(samples: dict[str, dict[int, dict]], size: tw.SizeConfig) -> dict[str, dict[str, float]]:
+    """{sampler: {to_t50, to_guided50, to_truth, diversity, onset}}: the same evaluation twice, once
+    with the fine-tune's samples standing in as the reference."""
+    seed = size.seeded(12345)
+    judged = tw.evaluate(samples, size.world, size.truth_per_class, seed=seed)
+    to_fine_tune = tw.evaluate({**samples, tw.REFERENCE: samples[FINE_TUNE]}, size.world, size.truth_per_class, seed=seed)
+    return {name: {"to_t50": r["fd_ref_mean"], "to_guided50": to_fine_tune[name]["fd_ref_mean"], "to_truth": r["fd_mean"],
+                   "diversity": r["diversity_ratio"], "onset": r["onset_agreement"]}
+            for name, r in judged.items() if "fd_ref_mean" in r and name != tw.REFERENCE}
+
+
+def redmd(run: Path, out: Path, sets: list[str], dmd: list[str], device: torch.device) -> dict:
+    """Train the run's DMD stage again into `out` with the changes; the snapshots' distances."""
+    report, size = read_run(run)
+    guided = run / "guided.safetensors"
+    if not size.guided_steps or not guided.is_file() or not (run / "data").is_dir():
+        raise SystemExit(f"{run}: not a guided run that still holds data/ and guided.safetensors")
+    size = dataclasses.replace(tw.with_overrides(size, sets), extra_dmd=(*size.extra_dmd, *dmd))
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    students = tw.train_student(run / "data", out, size, guided, guidance="samples")
+    train_s = time.perf_counter() - t0
+    load = lambda path: tw.load_model(path, size.num_layers, device)
+    samples = tw.sample_all(load(run_teacher(run, report)), {f"DMD step {step}": load(path) for step, path in students.items()}, size,
+                            device, guided=load(guided))
+    result = {"run": str(run), "set": sets, "dmd": dmd, "train_s": train_s, "distances": distances(samples, size)}
+    (out / "redmd.json").write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", type=Path)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="bench/toyworld.py size fields")
+    parser.add_argument("--dmd", nargs="*", default=[], metavar="KEY=VALUE", help="trainer overrides after the recipe's")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    result = redmd(args.run, args.out, args.set, args.dmd, device)
+    print(" " * 28 + " ".join(f"{k:>11s}" for k in KEEP))
+    for name, d in result["distances"].items():
+        print(f"{name:28s}" + " ".join(f"{d[k]:11.3f}" for k in KEEP))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
