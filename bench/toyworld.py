@@ -349,7 +349,8 @@ SIZES = {
     # past them (brighter video peaks), +32-37% from step 400 to 800 on seed 111 under guidance; with 10
     # critic updates per generator update (or half the generator's rate) it stayed, and on fresh seeds
     # 141-143 (one H100) no run drifted. The price: half the generator updates, slower where the start
-    # is far (CFG 1 seed 141 at 1.26x teacher@50's FD at step 400, 1.21x at 800).
+    # is far: CFG 1 misses its bars at the recipe's step (seed 141 1.26x teacher@50's FD, 1.21x at step
+    # 800; mean over 141-143 and 151 1.11x), and 800 steps moved seed 111 off the fine-tune's samples again.
     "ci": SizeConfig(world=WorldConfig(num_classes=3), train_per_class=512, eval_per_class=64, truth_per_class=1000,
                      flow_steps=400, dmd_steps=400, batch_size=64, flow_lr=2e-3, generator_lr=1.2e-4, critic_lr=1.6e-3,
                      critic_ratio=10, cfg=2.0, ranks=1, fp32=True, student_sigmas=UNIFORM_SIGMAS, renoise="implied",

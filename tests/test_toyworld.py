@@ -330,7 +330,7 @@ def test_ci_size_guided_student_beats_the_teacher_at_four_steps(tmp_path):
     # its samplers other than the students are the run's own (same noise), the override took
     from bench.toyworld_redmd import redmd
     changed = redmd(tmp_path / "again", tmp_path / "redmd", [], ["dmd.critic_ratio=2", "log.every=1"],
-                     torch.device("cpu"))["distances"]
+                    torch.device("cpu"))["distances"]
     assert set(changed) >= {"DMD step 2", "DMD step 4", "guided@50", "teacher@4"}
     assert changed["guided@50"]["to_t50"] == pytest.approx(again["results"]["guided@50"]["fd_ref_mean"], rel=1e-6)
     assert changed["guided@50"]["to_guided50"] == pytest.approx(0.0, abs=1e-6)
