@@ -333,7 +333,7 @@ SIZES = {
     # The CI gate's size (CPU): guided (CFG 2, SLG block 1), judged against teacher@50's samples. The
     # recipe: the teacher fine-tuned for 400 steps at 5e-4 on 1,024 of its own CFG+SLG samples, then
     # plain DMD (no CFG: the fine-tuned model is the guided samples' score) from it, both rates cosine
-    # to 0.1 over the 400 DMD steps from 1.2e-4 / 1.6e-3. Session 10 picked it with bench/dmd_lab.py
+    # to 0.1 over the DMD steps from 1.2e-4 / 1.6e-3. Session 10 picked it with bench/dmd_lab.py
     # --select on tuning seed 1 at 200 steps; that horizon missed the guided bars on held-out seeds
     # 41-43 (DMD stopped short of the fine-tune's samples where its 4-step start was far from them,
     # the rates already at their floor). 400 steps came from diagnostic seed 42 at constant rates (at
@@ -348,11 +348,14 @@ SIZES = {
     # 5 (session 14): at 5 the student reached the fine-tune's samples by step 200 and then kept moving
     # past them (brighter video peaks), +32-37% from step 400 to 800 on seed 111 under guidance; with 10
     # critic updates per generator update (or half the generator's rate) it stayed, and on fresh seeds
-    # 141-143 (one H100) no run drifted. The price: half the generator updates, slower where the start
-    # is far: CFG 1 misses its bars at the recipe's step (seed 141 1.26x teacher@50's FD, 1.21x at step
-    # 800; mean over 141-143 and 151 1.11x), and 800 steps moved seed 111 off the fine-tune's samples again.
+    # 141-143 (one H100) no run drifted. The price: half the generator updates at 400 steps, and CFG 1
+    # missed its bars there (seed 141 1.26x teacher@50's FD; mean over 141-143 and 151 1.11x), still
+    # closing in. So 800 DMD steps, cosine over 800 (session 15): the 80 generator updates of the
+    # ratio-5 recipe that converged, with twice the critic updates between them. Chosen by that count
+    # before any run of it on fresh seeds; measured before only on seeds 151 (CFG 1, 1.00x at 800)
+    # and 111 (CFG 2, 0.26x / 0.20x teacher@4 at 800 / 1600).
     "ci": SizeConfig(world=WorldConfig(num_classes=3), train_per_class=512, eval_per_class=64, truth_per_class=1000,
-                     flow_steps=400, dmd_steps=400, batch_size=64, flow_lr=2e-3, generator_lr=1.2e-4, critic_lr=1.6e-3,
+                     flow_steps=400, dmd_steps=800, batch_size=64, flow_lr=2e-3, generator_lr=1.2e-4, critic_lr=1.6e-3,
                      critic_ratio=10, cfg=2.0, ranks=1, fp32=True, student_sigmas=UNIFORM_SIGMAS, renoise="implied",
                      dmd_snapshots=2, regression_weight=0.0, lr_decay="cosine", lr_min_ratio=0.1, pairs=1024,
                      guided_steps=400, guided_lr=5e-4),
@@ -360,11 +363,11 @@ SIZES = {
     # GPU (~0.1 s per forward pass through a ZeRO-3 engine: DeepSpeed's per-module hooks), so this size
     # buys batch, not steps. Per-tower rates video 4x / audio 0.25x (sessions 7-8: the audio tower
     # overshot with one rate). The DMD recipe is the ci size's (guided fine-tune on 2,048 pairs for 400
-    # steps: the same 25 epochs at twice the batch; cosine to 0.1 over 400 DMD steps from 1.2e-4 / 1.6e-3,
+    # steps: the same 25 epochs at twice the batch; cosine to 0.1 over 800 DMD steps from 1.2e-4 / 1.6e-3,
     # critic_ratio 10);
     # it has NOT run at this size.
     "gpu": SizeConfig(world=WorldConfig(num_classes=3), train_per_class=2048, eval_per_class=256, truth_per_class=4000,
-                      flow_steps=800, dmd_steps=400, batch_size=128, flow_lr=2e-3, generator_lr=1.2e-4, critic_lr=1.6e-3,
+                      flow_steps=800, dmd_steps=800, batch_size=128, flow_lr=2e-3, generator_lr=1.2e-4, critic_lr=1.6e-3,
                       critic_ratio=10, cfg=1.0, ranks=1, ds_config="ds_configs/zero3.json", student_sigmas=UNIFORM_SIGMAS, fp32=True,
                       dmd_snapshots=2, renoise="implied", video_lr_scale=4.0, audio_lr_scale=0.25, pairs=2048,
                       regression_weight=0.0, guided_steps=400, guided_lr=5e-4,
