@@ -353,7 +353,9 @@ SIZES = {
     # closing in. So 800 DMD steps, cosine over 800 (session 15): the 80 generator updates of the
     # ratio-5 recipe that converged, with twice the critic updates between them. Chosen by that count
     # before any run of it on fresh seeds; measured before only on seeds 151 (CFG 1, 1.00x at 800)
-    # and 111 (CFG 2, 0.26x / 0.20x teacher@4 at 800 / 1600).
+    # and 111 (CFG 2, 0.26x / 0.20x teacher@4 at 800 / 1600). Fresh seeds 161-163 (CPU): every FD bar
+    # of issue 16 held (CFG 1 0.99x teacher@50's FD to the truth, worst 1.04x); both guided runs of
+    # seed 163, the nearest start, drifted 17-23% past step 800 at the floor rates.
     "ci": SizeConfig(world=WorldConfig(num_classes=3), train_per_class=512, eval_per_class=64, truth_per_class=1000,
                      flow_steps=400, dmd_steps=800, batch_size=64, flow_lr=2e-3, generator_lr=1.2e-4, critic_lr=1.6e-3,
                      critic_ratio=10, cfg=2.0, ranks=1, fp32=True, student_sigmas=UNIFORM_SIGMAS, renoise="implied",
