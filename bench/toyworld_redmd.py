@@ -2,6 +2,7 @@
 fine-tune, so a change to DMD alone is measured against that run's own students.
 
     python bench/toyworld_redmd.py RUN OUT [--set FIELD=VALUE ...] [--dmd KEY=VALUE ...]
+    python bench/toyworld_redmd.py RUN OUT --measure      # the run's own saved samples, no training
 
 RUN is a guided bench/toyworld.py output folder (a sweep's seedS_cfgC) that still holds its data,
 pairs and guided.safetensors. `--set` changes the run's size (bench/toyworld.py fields, e.g.
@@ -9,7 +10,8 @@ generator_lr=6e-5 drift_factor=2), `--dmd` adds trainer overrides after the reci
 dmd.critic_ratio=10). Every snapshot is sampled from the run's own noise and measured three ways:
 FD to teacher@50's samples (the guided student's target), to the fine-tune's own 50-step samples
 (guided@50: the distribution DMD aims at) and to the truth. Session 14 found the drift of issue 16
-this way (bench/results/dmd_drift_ablation_cpu_s14.json).
+this way (bench/results/dmd_drift_ablation_cpu_s14.json). --measure does the same for the run's own
+samplers from its samples.pt (OUT/measure.json): where its students went, relative to DMD's target.
 """
 from __future__ import annotations
 
@@ -62,17 +64,35 @@ def redmd(run: Path, out: Path, sets: list[str], dmd: list[str], device: torch.d
     return result
 
 
+def measure(run: Path, out: Path) -> dict:
+    """The run's own saved samples (samples.pt), measured the three ways, into OUT/measure.json."""
+    report, size = read_run(run)
+    saved = run / "samples.pt"
+    if not saved.is_file():
+        raise SystemExit(f"{run}: no samples.pt (the samples a bench/toyworld.py run saves)")
+    samples = torch.load(saved, weights_only=False)
+    if FINE_TUNE not in samples:
+        raise SystemExit(f"{saved}: no {FINE_TUNE} samples: not a guided run (guided_steps > 0)")
+    result = {"run": str(run), "distances": distances(samples, size)}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "measure.json").write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", type=Path)
     parser.add_argument("out", type=Path)
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="bench/toyworld.py size fields")
     parser.add_argument("--dmd", nargs="*", default=[], metavar="KEY=VALUE", help="trainer overrides after the recipe's")
+    parser.add_argument("--measure", action="store_true", help="no training: measure the run's own saved samples")
     args = parser.parse_args(argv)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cpu":
         torch.set_num_threads(1)
-    result = redmd(args.run, args.out, args.set, args.dmd, device)
+    if args.measure and (args.set or args.dmd):
+        parser.error("--measure trains nothing: --set and --dmd do not apply")
+    result = measure(args.run, args.out) if args.measure else redmd(args.run, args.out, args.set, args.dmd, device)
     print(" " * 28 + " ".join(f"{k:>11s}" for k in KEEP))
     for name, d in result["distances"].items():
         print(f"{name:28s}" + " ".join(f"{d[k]:11.3f}" for k in KEEP))
