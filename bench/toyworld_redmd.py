@@ -7,9 +7,10 @@ fine-tune, so a change to DMD alone is measured against that run's own students.
 RUN is a guided bench/toyworld.py output folder (a sweep's seedS_cfgC) that still holds its data,
 pairs and guided.safetensors. `--set` changes the run's size (bench/toyworld.py fields, e.g.
 generator_lr=6e-5 drift_factor=2), `--dmd` adds trainer overrides after the recipe's (e.g.
-dmd.critic_ratio=10). Every snapshot is sampled from the run's own noise and measured three ways:
-FD to teacher@50's samples (the guided student's target), to the fine-tune's own 50-step samples
-(guided@50: the distribution DMD aims at) and to the truth. Session 14 found the drift of issue 16
+dmd.critic_ratio=10). Every snapshot is sampled from the run's own noise and measured four ways:
+FD to teacher@50's samples (the guided student's target; same noise), to teacher@50's samples from
+other noise (the distribution alone), to the fine-tune's own 50-step samples (guided@50: the
+distribution DMD aims at) and to the truth. Session 14 found the drift of issue 16
 this way (bench/results/dmd_drift_ablation_cpu_s14.json). --measure does the same for the run's own
 samplers from its samples.pt (OUT/measure.json): where its students went, relative to DMD's target.
 """
@@ -31,16 +32,21 @@ from bench import toyworld as tw
 from bench.toyworld_redraw import read_run, run_teacher
 
 FINE_TUNE = "guided@50"
-KEEP = ("to_t50", "to_guided50", "to_truth", "diversity", "onset")
+KEEP = ("to_t50", "to_t50_other_noise", "to_guided50", "to_truth", "diversity", "onset")
 
 
 def distances(samples: dict[str, dict[int, dict]], size: tw.SizeConfig) -> dict[str, dict[str, float]]:
-    """{sampler: {to_t50, to_guided50, to_truth, diversity, onset}}: the same evaluation twice, once
-    with the fine-tune's samples standing in as the reference."""
+    """{sampler: {to_t50, to_t50_other_noise, to_guided50, to_truth, diversity, onset}}: the same
+    evaluation three times, with teacher@50's samples, teacher@50's samples from other noise and the
+    fine-tune's samples as the reference. Every sampler starts from teacher@50's noise, so to_t50
+    also rewards keeping the teacher's noise-to-sample map; to_t50_other_noise does not (a move seen
+    in to_t50 alone is a move of that map, not of the distribution)."""
     seed = size.seeded(12345)
-    judged = tw.evaluate(samples, size.world, size.truth_per_class, seed=seed)
-    to_fine_tune = tw.evaluate({**samples, tw.REFERENCE: samples[FINE_TUNE]}, size.world, size.truth_per_class, seed=seed)
-    return {name: {"to_t50": r["fd_ref_mean"], "to_guided50": to_fine_tune[name]["fd_ref_mean"], "to_truth": r["fd_mean"],
+    judge = lambda reference: tw.evaluate({**samples, tw.REFERENCE: samples[reference]}, size.world,
+                                          size.truth_per_class, seed=seed)
+    judged, unpaired, to_fine_tune = judge(tw.REFERENCE), judge(tw.REFERENCE_FLOOR), judge(FINE_TUNE)
+    return {name: {"to_t50": r["fd_ref_mean"], "to_t50_other_noise": unpaired[name]["fd_ref_mean"],
+                   "to_guided50": to_fine_tune[name]["fd_ref_mean"], "to_truth": r["fd_mean"],
                    "diversity": r["diversity_ratio"], "onset": r["onset_agreement"]}
             for name, r in judged.items() if "fd_ref_mean" in r and name != tw.REFERENCE}
 
@@ -65,8 +71,8 @@ def redmd(run: Path, out: Path, sets: list[str], dmd: list[str], device: torch.d
 
 
 def measure(run: Path, out: Path) -> dict:
-    """The run's own saved samples (samples.pt), measured the three ways, into OUT/measure.json."""
-    report, size = read_run(run)
+    """The run's own saved samples (samples.pt), measured the four ways, into OUT/measure.json."""
+    _, size = read_run(run)
     saved = run / "samples.pt"
     if not saved.is_file():
         raise SystemExit(f"{run}: no samples.pt (the samples a bench/toyworld.py run saves)")

@@ -336,12 +336,16 @@ def test_ci_size_guided_student_beats_the_teacher_at_four_steps(tmp_path):
     assert changed["guided@50"]["to_guided50"] == pytest.approx(0.0, abs=1e-6)
     rows = [json.loads(line) for line in (tmp_path / "redmd" / "student_run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "generator/grad_norm" in r] == [0, 2]
-    # --measure: the run's own students from its samples.pt, the same three distances, no training
+    # --measure: the run's own students from its samples.pt, the same distances, no training; the one
+    # to teacher@50's other-noise draw is its distance to that draw (zero for the draw itself)
     from bench.toyworld_redmd import measure
     own = measure(tmp_path / "again", tmp_path / "measured")["distances"]
     assert own["student@4"]["to_t50"] == pytest.approx(again["results"]["student@4"]["fd_ref_mean"], rel=1e-6)
     assert own["student@4"]["to_truth"] == pytest.approx(again["results"]["student@4"]["fd_mean"], rel=1e-6)
     assert own["guided@50"]["to_guided50"] == pytest.approx(0.0, abs=1e-6) and own["student@4"]["to_guided50"] > 0
+    assert own[tw.REFERENCE_FLOOR]["to_t50_other_noise"] == pytest.approx(0.0, abs=1e-6)
+    assert own[tw.REFERENCE_FLOOR]["to_t50"] == pytest.approx(again["results"][tw.REFERENCE_FLOOR]["fd_ref_mean"], rel=1e-6)
+    assert own["student@4"]["to_t50_other_noise"] > 0
     assert (tmp_path / "measured" / "measure.json").is_file()
 
 
