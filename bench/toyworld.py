@@ -562,6 +562,27 @@ REFERENCE = "teacher@50"              # what a guided student should match
 REFERENCE_FLOOR = "teacher@50 (2nd draw)"  # teacher@50 from other noise: the floor of the distance to it
 
 
+def sampling_noise(n: int, generator_seed: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """n starting noises (video, audio), drawn on the CPU from one seed."""
+    g = torch.Generator().manual_seed(generator_seed)
+    return (torch.randn(n, VIDEO_LATENT_CHANNELS, FRAMES, LATENT_H, LATENT_W, generator=g).to(device),
+            torch.randn(n, AUDIO_LEN, AUDIO_CHANNELS, generator=g).to(device))
+
+
+def sample_fine_tune(guided, size: SizeConfig, device, noise_seed: int | None = None) -> dict[int, dict]:
+    """{class: {"video", "audio"}}: "guided@50", a guided fine-tune's own 50-step samples without
+    guidance (it is the guided samples' score), from the run's noise (teacher@50's)."""
+    from distill.sampling import TeacherSamplerConfig, sample_teacher
+    n, prompts = size.eval_per_class, class_prompts(size.world)
+    seed = size.seeded(7) if noise_seed is None else noise_seed
+    neg, unguided = padded(null_prompt(), n, device), TeacherSamplerConfig(steps=50, cfg_video=1.0, cfg_audio=1.0, slg_block=None)
+    out = {}
+    for k in range(size.world.num_classes):
+        v, a = sample_teacher(guided, *sampling_noise(n, seed * 1000 + k, device), padded(prompts[k], n, device), neg, neg, unguided)
+        out[k] = {"video": v.float().cpu(), "audio": a.float().cpu()}
+    return out
+
+
 def sample_all(teacher, students: dict, size: SizeConfig, device, guided=None,
                noise_seed: int | None = None) -> dict[str, dict[int, dict]]:
     """{sampler: {class: {"video", "audio"}}} with the same starting noise for every sampler (and
@@ -584,28 +605,22 @@ def sample_all(teacher, students: dict, size: SizeConfig, device, guided=None,
     out: dict[str, dict[int, dict]] = {name: {} for name in names}
     sigmas = size.student_sigmas or STUDENT_SIGMAS
 
-    def noise(generator_seed):
-        g = torch.Generator().manual_seed(generator_seed)
-        return (torch.randn(n, VIDEO_LATENT_CHANNELS, FRAMES, LATENT_H, LATENT_W, generator=g).to(device),
-                torch.randn(n, AUDIO_LEN, AUDIO_CHANNELS, generator=g).to(device))
-
     for k in range(world.num_classes):
-        noise_v, noise_a = noise(seed * 1000 + k)
+        noise_v, noise_a = sampling_noise(n, seed * 1000 + k, device)
         text = padded(prompts[k], n, device)
-        for name, steps, (nv, na) in ((REFERENCE, 50, (noise_v, noise_a)), (REFERENCE_FLOOR, 50, noise(seed * 1000 + 500 + k)),
+        other_noise = sampling_noise(n, seed * 1000 + 500 + k, device)
+        for name, steps, (nv, na) in ((REFERENCE, 50, (noise_v, noise_a)), (REFERENCE_FLOOR, 50, other_noise),
                                       ("teacher@4", 4, (noise_v, noise_a))):
             cfg = TeacherSamplerConfig(steps=steps, cfg_video=size.cfg, cfg_audio=size.cfg, slg_block=size.slg_block)
             v, a = sample_teacher(teacher, nv, na, text, neg, neg, cfg)
             out[name][k] = {"video": v.float().cpu(), "audio": a.float().cpu()}
-        if guided is not None:  # the fine-tune is the guided samples' score: sampled without guidance
-            unguided = TeacherSamplerConfig(steps=50, cfg_video=1.0, cfg_audio=1.0, slg_block=None)
-            v, a = sample_teacher(guided, noise_v, noise_a, text, neg, neg, unguided)
-            out["guided@50"][k] = {"video": v.float().cpu(), "audio": a.float().cpu()}
         start = [("undistilled guided@4", guided)] if guided is not None else []
         for name, model in (("undistilled@4", teacher), *start, *students.items()):
             gen = torch.Generator(device=device).manual_seed(seed * 1000 + k)
             v, a = sample_student(model, noise_v, noise_a, text, sigmas=sigmas, generator=gen, renoise=size.renoise)
             out[name][k] = {"video": v.float().cpu(), "audio": a.float().cpu()}
+    if guided is not None:
+        out["guided@50"] = sample_fine_tune(guided, size, device, noise_seed)
     return out
 
 

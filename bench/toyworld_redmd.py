@@ -3,6 +3,7 @@ fine-tune, so a change to DMD alone is measured against that run's own students.
 
     python bench/toyworld_redmd.py RUN OUT [--set FIELD=VALUE ...] [--dmd KEY=VALUE ...]
     python bench/toyworld_redmd.py RUN OUT --measure      # the run's own saved samples, no training
+    python bench/toyworld_redmd.py RUN OUT --fine-tune [--set FIELD=VALUE ...] [--flow KEY=VALUE ...]
 
 RUN is a guided bench/toyworld.py output folder (a sweep's seedS_cfgC) that still holds its data,
 pairs and guided.safetensors. `--set` changes the run's size (bench/toyworld.py fields, e.g.
@@ -70,6 +71,28 @@ def redmd(run: Path, out: Path, sets: list[str], dmd: list[str], device: torch.d
     return result
 
 
+def refine_tune(run: Path, out: Path, sets: list[str], flow: list[str], device: torch.device) -> dict:
+    """Stage 2 alone: the run's guided fine-tune trained again into `out` with the changes (new pairs
+    too where `pairs` changes), its own 50-step samples measured against teacher@50's (same and other
+    noise) and against the run's own fine-tune's. Stage 2 bounds where DMD can go (session 16)."""
+    report, size = read_run(run)
+    if not size.guided_steps or not (run / "pairs").is_dir() or not (run / "samples.pt").is_file():
+        raise SystemExit(f"{run}: not a guided run that still holds data/, pairs/ and samples.pt")
+    size = dataclasses.replace(tw.with_overrides(size, sets), extra_flow=(*size.extra_flow, *flow))
+    out.mkdir(parents=True, exist_ok=True)
+    teacher = run_teacher(run, report)
+    t0 = time.perf_counter()
+    pairs = run / "pairs" if size.pairs == report["config"]["pairs"] else tw.make_pairs(run / "data", out, size, teacher)
+    guided = tw.guided_finetune(run / "data", pairs, out, size, teacher)
+    train_s = time.perf_counter() - t0
+    saved = torch.load(run / "samples.pt", weights_only=False)
+    samples = {name: saved[name] for name in (tw.REFERENCE, tw.REFERENCE_FLOOR, FINE_TUNE)}
+    samples[f"{FINE_TUNE}, changed"] = tw.sample_fine_tune(tw.load_model(guided, size.num_layers, device), size, device)
+    result = {"run": str(run), "set": sets, "flow": flow, "train_s": train_s, "distances": distances(samples, size)}
+    (out / "refine_tune.json").write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
 def measure(run: Path, out: Path) -> dict:
     """The run's own saved samples (samples.pt), measured the four ways, into OUT/measure.json."""
     _, size = read_run(run)
@@ -92,13 +115,22 @@ def main(argv=None) -> int:
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="bench/toyworld.py size fields")
     parser.add_argument("--dmd", nargs="*", default=[], metavar="KEY=VALUE", help="trainer overrides after the recipe's")
     parser.add_argument("--measure", action="store_true", help="no training: measure the run's own saved samples")
+    parser.add_argument("--fine-tune", action="store_true", help="stage 2 alone: the guided fine-tune again, no DMD")
+    parser.add_argument("--flow", nargs="*", default=[], metavar="KEY=VALUE", help="fine-tune overrides after the recipe's")
     args = parser.parse_args(argv)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cpu":
         torch.set_num_threads(1)
-    if args.measure and (args.set or args.dmd):
-        parser.error("--measure trains nothing: --set and --dmd do not apply")
-    result = measure(args.run, args.out) if args.measure else redmd(args.run, args.out, args.set, args.dmd, device)
+    if args.measure and (args.set or args.dmd or args.flow or args.fine_tune):
+        parser.error("--measure trains nothing: --set, --dmd, --flow and --fine-tune do not apply")
+    if args.fine_tune and args.dmd or args.flow and not args.fine_tune:
+        parser.error("--dmd changes the DMD stage, --flow the fine-tune (--fine-tune)")
+    if args.measure:
+        result = measure(args.run, args.out)
+    elif args.fine_tune:
+        result = refine_tune(args.run, args.out, args.set, args.flow, device)
+    else:
+        result = redmd(args.run, args.out, args.set, args.dmd, device)
     print(" " * 28 + " ".join(f"{k:>11s}" for k in KEEP))
     for name, d in result["distances"].items():
         print(f"{name:28s}" + " ".join(f"{d[k]:11.3f}" for k in KEEP))

@@ -346,6 +346,14 @@ def test_ci_size_guided_student_beats_the_teacher_at_four_steps(tmp_path):
     assert own[tw.REFERENCE_FLOOR]["to_t50_other_noise"] == pytest.approx(0.0, abs=1e-6)
     assert own[tw.REFERENCE_FLOOR]["to_t50"] == pytest.approx(again["results"][tw.REFERENCE_FLOOR]["fd_ref_mean"], rel=1e-6)
     assert own["student@4"]["to_t50_other_noise"] > 0
+    # --fine-tune: stage 2 again (two steps here), measured beside the run's own fine-tune and teacher@50
+    from bench.toyworld_redmd import refine_tune
+    stage2 = refine_tune(tmp_path / "again", tmp_path / "refined", ["guided_steps=2"], ["log.every=1"],
+                         torch.device("cpu"))["distances"]
+    assert stage2["guided@50"]["to_t50"] == pytest.approx(again["results"]["guided@50"]["fd_ref_mean"], rel=1e-6)
+    assert stage2["guided@50, changed"]["to_guided50"] > 0 and math.isfinite(stage2["guided@50, changed"]["to_t50"])
+    rows = [json.loads(line) for line in (tmp_path / "refined" / "guided_run" / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in rows) == 1 and (tmp_path / "refined" / "refine_tune.json").is_file()
     assert (tmp_path / "measured" / "measure.json").is_file()
 
 
