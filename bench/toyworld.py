@@ -777,7 +777,6 @@ def run(size_name: str, out: Path, size: SizeConfig | None = None, teacher: Path
     out.mkdir(parents=True, exist_ok=True)
     for part in RUN_PARTS:
         shutil.rmtree(out / part, ignore_errors=True)
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     timings = {}
     t0 = time.perf_counter()
     write_dataset(out / "data", size.world, size.train_per_class, seed=size.seeded(1))
@@ -793,6 +792,15 @@ def run(size_name: str, out: Path, size: SizeConfig | None = None, teacher: Path
     student_paths = (train_student(out / "data", out, size, guided, guidance="samples") if guided
                      else train_student(out / "data", out, size, teacher_path, pairs if size.regression_weight else None))
     timings["train_s"] = time.perf_counter() - t0
+    return judge_students(size_name, out, size, teacher_path, student_paths, guided, timings,
+                          teacher="trained by this run" if teacher is None else str(teacher))
+
+
+def judge_students(size_name: str, out: Path, size: SizeConfig, teacher_path: Path, student_paths: dict[int, Path],
+                   guided: Path | None, timings: dict, teacher: str) -> dict:
+    """Every sampler from the run's noise, judged (out/samples.pt, out/results.json): the end of `run`,
+    and on its own for students trained elsewhere (e.g. snapshots exported from a run cut short)."""
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     t0 = time.perf_counter()
     teacher_model = load_model(teacher_path, size.num_layers, device)
     students = {"student@4" if step == size.dmd_steps else f"student@4, DMD step {step}": load_model(path, size.num_layers, device)
@@ -808,7 +816,7 @@ def run(size_name: str, out: Path, size: SizeConfig | None = None, teacher: Path
     names = [*FEATURE_NAMES, *(f"tone_{k}" for k in range(size.world.num_classes))]
     report = {"size": size_name, "config": asdict(size), "feature_names": names, "results": results, "timings": timings,
               "device": str(device), "table": table, "criteria": criteria(results, size.cfg, size.dmd_steps),
-              "teacher": str(teacher) if teacher else "trained by this run"}
+              "teacher": teacher}
     (out / "results.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     return report
 
