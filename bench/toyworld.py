@@ -282,8 +282,10 @@ class SizeConfig:
                                     # snapshots show whether the student holds (the drift check)
     # Both learning rates decay (cosine over the recipe's dmd_steps to their floor, then held there):
     # the critic's to lr_min_ratio, the generator's to generator_lr_min_ratio (None: the same).
-    # regression_weight > 0: the student also regresses on `pairs` teacher pairs (distill/pairs.py),
-    # session 9's answer to guided drift, replaced by guided_steps (bench/RESULTS.md, "Guided DMD").
+    # regression_weight > 0: the student also regresses on `pairs` teacher pairs (distill/pairs.py):
+    # session 9's answer to guided drift (then against the CFG score), replaced by guided_steps; with
+    # guided_steps (the same pairs) an anchor at teacher@50's own samples beside DMD against the
+    # fine-tune, measured in session 17 (bench/RESULTS.md, "Guided DMD"), not in the recipe.
     lr_decay: str = "cosine"
     lr_min_ratio: float = 0.1
     generator_lr_min_ratio: float | None = None
@@ -306,9 +308,6 @@ class SizeConfig:
         if self.dmd_snapshots < 1 or self.dmd_steps % self.dmd_snapshots:
             raise ValueError(f"dmd_snapshots={self.dmd_snapshots} must divide dmd_steps={self.dmd_steps}: "
                              "the snapshots are checkpoints saved every dmd_steps / dmd_snapshots steps")
-        if self.guided_steps and self.regression_weight:
-            raise ValueError("guided_steps and regression_weight exclude each other: with guided_steps the DMD "
-                             "teacher is the guided samples' score, and the regression would pull to the same samples")
         if self.drift_factor < 1:
             raise ValueError(f"drift_factor must be >= 1, got {self.drift_factor}")
 
@@ -789,8 +788,9 @@ def run(size_name: str, out: Path, size: SizeConfig | None = None, teacher: Path
     guided_target = size.guided_steps > 0
     pairs = make_pairs(out / "data", out, size, teacher_path) if size.regression_weight or guided_target else None
     guided = guided_finetune(out / "data", pairs, out, size, teacher_path) if guided_target else None
-    student_paths = (train_student(out / "data", out, size, guided, guidance="samples") if guided
-                     else train_student(out / "data", out, size, teacher_path, pairs if size.regression_weight else None))
+    anchor = pairs if size.regression_weight else None
+    student_paths = (train_student(out / "data", out, size, guided, anchor, guidance="samples") if guided
+                     else train_student(out / "data", out, size, teacher_path, anchor))
     timings["train_s"] = time.perf_counter() - t0
     return judge_students(size_name, out, size, teacher_path, student_paths, guided, timings,
                           teacher="trained by this run" if teacher is None else str(teacher))

@@ -61,7 +61,8 @@ def redmd(run: Path, out: Path, sets: list[str], dmd: list[str], device: torch.d
     size = dataclasses.replace(tw.with_overrides(size, sets), extra_dmd=(*size.extra_dmd, *dmd))
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    students = tw.train_student(run / "data", out, size, guided, guidance="samples")
+    anchor = run / "pairs" if size.regression_weight else None  # --set regression_weight=W: the run's own pairs
+    students = tw.train_student(run / "data", out, size, guided, anchor, guidance="samples")
     train_s = time.perf_counter() - t0
     load = lambda path: tw.load_model(path, size.num_layers, device)
     samples = tw.sample_all(load(run_teacher(run, report)), {f"DMD step {step}": load(path) for step, path in students.items()}, size,

@@ -326,16 +326,18 @@ def test_ci_size_guided_student_beats_the_teacher_at_four_steps(tmp_path):
     assert len(draws) == 2 and draws[0]["student / teacher@4 (fd_ref_mean)"] == pytest.approx(
         again["results"]["student@4"]["fd_ref_mean"] / again["results"]["teacher@4"]["fd_ref_mean"])
 
-    # bench/toyworld_redmd.py: the DMD stage again with a trainer override, from the run's fine-tune;
-    # its samplers other than the students are the run's own (same noise), the override took
+    # bench/toyworld_redmd.py: the DMD stage again with a trainer override, from the run's fine-tune,
+    # with the regression anchor on the run's own pairs beside DMD (--set regression_weight); its
+    # samplers other than the students are the run's own (same noise), both changes took
     from bench.toyworld_redmd import redmd
-    changed = redmd(tmp_path / "again", tmp_path / "redmd", [], ["dmd.critic_ratio=2", "log.every=1"],
+    changed = redmd(tmp_path / "again", tmp_path / "redmd", ["regression_weight=1.0"], ["dmd.critic_ratio=2", "log.every=1"],
                     torch.device("cpu"))["distances"]
     assert set(changed) >= {"DMD step 2", "DMD step 4", "guided@50", "teacher@4"}
     assert changed["guided@50"]["to_t50"] == pytest.approx(again["results"]["guided@50"]["fd_ref_mean"], rel=1e-6)
     assert changed["guided@50"]["to_guided50"] == pytest.approx(0.0, abs=1e-6)
     rows = [json.loads(line) for line in (tmp_path / "redmd" / "student_run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "generator/grad_norm" in r] == [0, 2]
+    assert all(any("regression_video" in k for k in r) for r in rows if "generator/grad_norm" in r), rows[0]
     # --measure: the run's own students from its samples.pt, the same distances, no training; the one
     # to teacher@50's other-noise draw is its distance to that draw (zero for the draw itself)
     from bench.toyworld_redmd import measure
