@@ -377,8 +377,9 @@ SIZES = {
     # buys batch, not steps. Per-tower rates video 4x / audio 0.25x (sessions 7-8: the audio tower
     # overshot with one rate). The DMD recipe is the ci size's (guided fine-tune on 2,048 pairs for 400
     # steps: the same 25 epochs at twice the batch; cosine to 0.1 over 800 DMD steps from 1.2e-4 / 1.6e-3,
-    # critic_ratio 10);
-    # it has NOT run at this size.
+    # critic_ratio 10). Session 17 (seeds 181-183, CFG 2, one H100) missed the guided bars here: the
+    # fine-tune's samples stay far from teacher@50's, less guided than them (bench/RESULTS.md, "Guided
+    # DMD", session 17).
     "gpu": SizeConfig(world=WorldConfig(num_classes=3), train_per_class=2048, eval_per_class=256, truth_per_class=4000,
                       flow_steps=800, dmd_steps=800, batch_size=128, flow_lr=2e-3, generator_lr=1.2e-4, critic_lr=1.6e-3,
                       critic_ratio=10, cfg=1.0, ranks=1, ds_config="ds_configs/zero3.json", student_sigmas=UNIFORM_SIGMAS, fp32=True,
