@@ -178,7 +178,7 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     from distill.engines import replicated_teacher
-    from precompute.encode import init_distributed
+    from precompute.distribution import init_distributed
 
     use_cuda = torch.cuda.is_available()
     dist = init_distributed(use_cuda)

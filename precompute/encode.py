@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import datetime
 import io
 import json
 import math
@@ -44,6 +43,7 @@ from typing import Any
 import pyarrow.parquet as pq
 import torch
 
+from precompute.distribution import init_distributed
 from precompute.encoders.bundle import CKPTS_LAYOUT, EncoderBundle, EncoderFileError, EncoderPaths
 from precompute.encoders.wan_vae import LATENT_MEAN_48, LATENT_STD_48
 from precompute.media import ClipError, DecodedClip, DecodeJob, DecodePool, pixels_for_vae
@@ -62,9 +62,6 @@ EXIT_USAGE = 2         # bad command line, manifest or encoder files: nothing wa
 BAD_ROW = "bad_row"    # failure reason for a manifest row that cannot be parsed
 DUPLICATE = "duplicate"
 ENCODE_FAILED, T5_FAILED, INVALID_SAMPLE = "encode", "t5", "invalid_sample"
-# Ranks wait at the end for the slowest one; a crashed rank is killed by the launcher, so a long
-# timeout never hides a hang.
-DIST_TIMEOUT = datetime.timedelta(hours=24)
 
 
 # Config ---------------------------------------------------------------------------------------
@@ -485,43 +482,6 @@ def plan_rank(entries: list[ManifestRow | BadRow], rank: int, world: int, done_k
     # front to back (the trainer's loader, through a small shuffle buffer) gives mixed batches.
     todo.sort(key=lambda entry: entry.key)
     return todo, skipped
-
-
-# Distribution -----------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    def gather(self, obj: Any) -> list[Any]:
-        if not dist_initialized():
-            return [obj]
-        out: list[Any] = [None] * self.world
-        torch.distributed.all_gather_object(out, obj)
-        return out
-
-    def barrier(self) -> None:
-        if dist_initialized():
-            torch.distributed.barrier()
-
-
-def dist_initialized() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def init_distributed(use_cuda: bool) -> Dist:
-    """torch.distributed only when a launcher set RANK/WORLD_SIZE (deepspeed, torchrun)."""
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return Dist()
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-    import deepspeed  # only launched runs pay for the import
-
-    deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", timeout=DIST_TIMEOUT, verbose=False)
-    return Dist(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank)
 
 
 # Finishing (rank 0) -----------------------------------------------------------------------------

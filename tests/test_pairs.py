@@ -18,9 +18,16 @@ from precompute.shards import iter_shard, read_index
 REPO = tw.REPO
 
 
+# The script as the GPU image runs it: that image has neither PyAV nor ftfy, and making pairs needs
+# the ranks, not the encoders (session 17: the pairs stopped there on import)
+WITHOUT_MEDIA_OR_TEXT_STACK = ("import runpy, sys; sys.modules['av'] = sys.modules['ftfy'] = None; "
+                               "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
 def make_pairs(data, out, *extra):
-    return subprocess.run([sys.executable, "distill/pairs.py", "--config", "distill/configs/tiny.yaml", "--data", str(data),
-                           "--out", str(out), "--steps", "3", "--dtype", "float32", *extra],
+    return subprocess.run([sys.executable, "-c", WITHOUT_MEDIA_OR_TEXT_STACK, "distill/pairs.py", "--config",
+                           "distill/configs/tiny.yaml", "--data", str(data), "--out", str(out), "--steps", "3",
+                           "--dtype", "float32", *extra],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
@@ -86,3 +93,4 @@ def test_rerun_makes_nothing_new_and_bad_input_stops_first(toy_pairs, tmp_path):
     assert missing.returncode == 2 and "nope" in missing.stderr and not (tmp_path / "out").exists()
     bad = make_pairs(toy_pairs / "data", tmp_path / "out", "--count", "0")
     assert bad.returncode == 2 and "--count" in bad.stderr
+
