@@ -93,4 +93,3 @@ def test_rerun_makes_nothing_new_and_bad_input_stops_first(toy_pairs, tmp_path):
     assert missing.returncode == 2 and "nope" in missing.stderr and not (tmp_path / "out").exists()
     bad = make_pairs(toy_pairs / "data", tmp_path / "out", "--count", "0")
     assert bad.returncode == 2 and "--count" in bad.stderr
-
