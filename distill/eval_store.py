@@ -2,7 +2,9 @@
 
     RUN/eval/reference/   reference.json (what made it: clips, teacher, sampler; its id),
                           latents.safetensors (video [N,C,F,H,W], audio [N,L,A] float32, clip order),
-                          NNN_S.mp4 and contact_sheet.png of the decoded reference
+                          NNN_S.mp4 and contact_sheet.png of the decoded reference; for a guided
+                          fine-tune's run also start_latents.safetensors (its start: the same
+                          teacher, noise and steps without guidance)
     RUN/eval/step-N/      NNN_S.mp4, contact_sheet.png, latents.safetensors (the student's),
                           metrics.json, written last: a step is done when it holds the current
                           reference's id (a remade reference makes every step due again)
@@ -29,10 +31,11 @@ EVAL_DIR = "eval"
 REFERENCE_DIR = "reference"
 REFERENCE_FILE = "reference.json"
 LATENTS_FILE = "latents.safetensors"
+START_LATENTS_FILE = "start_latents.safetensors"   # a guided fine-tune's evaluation: its start, unguided
 METRICS_FILE = "metrics.json"
 BEST_FILE = "best.json"
 CONTACT_SHEET = "contact_sheet.png"
-BEST_RULE = ("lowest score (distill/eval_metrics.py: distance of the student's samples to the cached 50-step "
+BEST_RULE = ("lowest score (distill/eval_metrics.py: distance of the checkpoint's samples to the cached 50-step "
              "teacher reference, lower is closer) among the checkpoints evaluated against the current reference; "
              "ties go to the earlier step")
 

@@ -25,6 +25,14 @@ pass and cached in RUN/eval/reference/ (latents, mp4s, contact sheet). It is reu
 clips and teacher settings are the same; otherwise the evaluator stops, asking for
 --make-reference (which remakes it, and every checkpoint still on disk is evaluated again).
 
+A guided fine-tune's run (stage 2, objective flow on teacher pairs) is evaluated the same way
+with its checkpoints sampled as teachers: --reference-steps UniPC steps without CFG or SLG (how DMD
+with dmd.guidance=samples will query it), against the original teacher's CFG + SLG reference. Its
+start, the original teacher sampled the same way, is made once with the reference; every step then
+reports gap_closed, the part of the start's score it has closed (1: at the reference). DMD aims at
+this model's samples: a fine-tune that stops short of the guided reference makes a student that
+does too (bench/RESULTS.md, "Guided DMD", session 17). best.json names its closest checkpoint.
+
 --once (the default) evaluates what is complete now and exits. --watch polls every --poll-s
 seconds until the checkpoint of the run's last step (trainer.json max_steps) is evaluated, or
 nothing new came for --max-idle-s. Prompts: a text file (one per line, text-to-video) or JSON
@@ -156,12 +164,30 @@ class RunInfo:
     teacher_cfg: TeacherSamplerConfig
     wandb_project: str
     run_name: str | None
+    objective: str = "dmd"         # flow: a guided fine-tune (stage 2), its checkpoints sampled as teachers
+
+    @property
+    def fine_tune(self) -> bool:
+        return self.objective == "flow"
+
+    @property
+    def unguided(self) -> TeacherSamplerConfig:
+        """How a guided fine-tune (and the original teacher, its start) is sampled: the reference's
+        steps without CFG or SLG. Its samples are what DMD with dmd.guidance=samples aims at."""
+        return dataclasses.replace(self.teacher_cfg, cfg_video=1.0, cfg_audio=1.0, slg_block=None)
+
+    @property
+    def guided_reference(self) -> bool:
+        cfg = self.teacher_cfg
+        return cfg.cfg_video != 1.0 or cfg.cfg_audio != 1.0 or cfg.skip_block is not None
 
     @staticmethod
     def from_checkpoint(step_dir: Path, reference_steps: int, teacher_given: bool = False) -> RunInfo:
         """With dmd.guidance=samples the run's model.checkpoint is the teacher fine-tuned on its guided
         samples: it is sampled without CFG and SLG (its samples are what DMD aims at), unless
-        --teacher names the original, which is sampled with the run's CFG + SLG."""
+        --teacher names the original, which is sampled with the run's CFG + SLG. A flow run (the
+        guided fine-tune itself) keeps the CFG + SLG reference: the original teacher as its pairs
+        were made."""
         try:
             config = json.loads((step_dir / "trainer.json").read_text())["config"]
             model, dmd, log = config["model"], config.get("dmd", {}), config.get("log", {})
@@ -178,7 +204,7 @@ class RunInfo:
                        teacher_file=Path(model["checkpoint"]) if model.get("checkpoint") else None,
                        init_seed=model.get("init_seed", 0), random_init=bool(model.get("random_init")),
                        teacher_cfg=teacher_cfg, wandb_project=log.get("wandb_project", "ovi-dmd"),
-                       run_name=log.get("run_name"))
+                       run_name=log.get("run_name"), objective=config.get("objective", "dmd"))
 
 
 def final_step(run: Path) -> int | None:
@@ -280,6 +306,8 @@ def prepare(cfg: EvalConfig) -> Plan:
                                                      size=list(j.size)) for j in jobs],
             "teacher": str(teacher.path) if teacher else f"tiny init seed {info.init_seed}",
             "num_layers": info.num_layers, "sampler": dataclasses.asdict(info.teacher_cfg)}
+    if info.fine_tune and info.guided_reference:   # where the fine-tune started: the same teacher, unguided
+        spec["start_sampler"] = dataclasses.asdict(info.unguided)
     cached = store.read_reference_spec(cfg.run)
     if cached is not None and cached["spec"] != spec and not cfg.make_reference:
         changed = sorted(k for k in spec if cached["spec"].get(k) != spec[k])
@@ -314,27 +342,38 @@ class Evaluator:
         self.image_latents = encode_images(self.bundle.video_vae, plan.pixels, job_image_sizes(plan.jobs))
         self.vocoder = load_vocoder(sc, self.device)
         self.reference: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.start_metrics: dict[str, float] | None = None   # a guided fine-tune's start, against the reference
 
     # -- reference
     def ensure_reference(self) -> None:
         folder = store.reference_dir(self.run)
-        if not self.plan.make_reference:
-            self.reference = store.load_latents(folder / store.LATENTS_FILE)
-            return
-        print(f"making the teacher reference ({self.plan.info.teacher_cfg.steps} steps) in {folder}", flush=True)
-        start = time.perf_counter()
-        teacher = self._load_teacher()
-        cfg = dataclasses.replace(self.plan.sample_cfg, teacher=True, teacher_cfg=self.plan.info.teacher_cfg)
-        latents = sample_latents(teacher, self.plan.jobs, cfg, cfg.variant, self.texts, self.negatives,
-                                 self.image_latents, (), self.device, self.dtype)
-        del teacher
-        release(self.device)
-        seconds = time.perf_counter() - start
-        folder.mkdir(parents=True, exist_ok=True)
-        self._write_clips(latents, folder, "teacher reference")
-        store.write_reference(self.run, self.plan.reference_spec, self.plan.names, latents,
-                              {"seconds": round(seconds, 3)})
+        with_start = "start_sampler" in self.plan.reference_spec
+        if self.plan.make_reference:
+            print(f"making the teacher reference ({self.plan.info.teacher_cfg.steps} steps) in {folder}", flush=True)
+            start = time.perf_counter()
+            teacher = self._load_teacher()
+            latents = self._sample_as_teacher(teacher, self.plan.info.teacher_cfg)
+            unguided = self._sample_as_teacher(teacher, self.plan.info.unguided) if with_start else None
+            del teacher
+            release(self.device)
+            seconds = time.perf_counter() - start
+            folder.mkdir(parents=True, exist_ok=True)
+            self._write_clips(latents, folder, "teacher reference")
+            if unguided is not None:
+                store.save_latents(folder / store.START_LATENTS_FILE, self.plan.names, unguided)
+            store.write_reference(self.run, self.plan.reference_spec, self.plan.names, latents,
+                                  {"seconds": round(seconds, 3)})
         self.reference = store.load_latents(folder / store.LATENTS_FILE)
+        if with_start:
+            start = store.load_latents(folder / store.START_LATENTS_FILE)
+            self.start_metrics = checkpoint_metrics(*start, *self.reference, groups=self.plan.groups)
+            print(f"the fine-tune's start (the teacher without guidance): score {self.start_metrics['score']:.4f}",
+                  flush=True)
+
+    def _sample_as_teacher(self, model: OviFusion, sampler: TeacherSamplerConfig) -> dict:
+        cfg = dataclasses.replace(self.plan.sample_cfg, teacher=True, teacher_cfg=sampler)
+        return sample_latents(model, self.plan.jobs, cfg, cfg.variant, self.texts, self.negatives,
+                              self.image_latents, (), self.device, self.dtype)
 
     def _load_teacher(self) -> OviFusion:
         if self.plan.teacher is not None:
@@ -362,10 +401,15 @@ class Evaluator:
                 print(f"step {step}: pruned by the trainer before it was evaluated; skipped", flush=True)
                 return None
             raise
-        sigmas, renoise = student_sampler(sc, source)
         timings = {"load_s": time.perf_counter() - start}
-        latents = sample_latents(model, self.plan.jobs, sc, sc.variant, self.texts, None, self.image_latents,
-                                 sigmas, self.device, self.dtype, renoise)
+        if self.plan.info.fine_tune:
+            latents = self._sample_as_teacher(model, self.plan.info.unguided)
+            sampler = {"model": "guided fine-tune", **dataclasses.asdict(self.plan.info.unguided)}
+        else:
+            sigmas, renoise = student_sampler(sc, source)
+            latents = sample_latents(model, self.plan.jobs, sc, sc.variant, self.texts, None, self.image_latents,
+                                     sigmas, self.device, self.dtype, renoise)
+            sampler = {"sigmas": list(sigmas), "renoise": renoise}
         del model
         release(self.device)
         timings["sample_s"] = time.perf_counter() - start - timings["load_s"]
@@ -374,17 +418,22 @@ class Evaluator:
         timings["decode_s"] = time.perf_counter() - start - timings["load_s"] - timings["sample_s"]
         student = store_latents(out, self.plan.names, latents)
         metrics = checkpoint_metrics(*student, *self.reference, groups=self.plan.groups)
+        if self.start_metrics is not None:
+            metrics["gap_closed"] = gap_closed(metrics["score"], self.start_metrics["score"])
         timings["total_s"] = time.perf_counter() - start
         result = {"step": step, "checkpoint": str(step_dir), "reference_id": self.plan.reference_id,
-                  "metrics": metrics, "grouped_by_prompt": self.plan.groups is not None, "sampler": {"sigmas": list(sigmas), "renoise": renoise},
+                  "metrics": metrics, "grouped_by_prompt": self.plan.groups is not None, "sampler": sampler,
                   "clips": clips, "timings_s": {k: round(v, 3) for k, v in timings.items()}}
+        if self.start_metrics is not None:
+            result["start_metrics"] = self.start_metrics
         self._logger().log(step, {f"eval/{k}": v for k, v in metrics.items()},
                            media={"eval/contact_sheet": out / store.CONTACT_SHEET,
                                   **{f"eval/clip/{c['file'][:-4]}": out / c["file"] for c in clips}})
         store.write_step_result(self.run, step, result)      # last: the step is done
         best = store.update_best(self.run, self.plan.reference_id)
+        closed = f"; {metrics['gap_closed']:.0%} of the way from the unguided start" if "gap_closed" in metrics else ""
         print(f"step {step}: score {metrics['score']:.4f} (fd video {metrics['fd_video']:.4f}, audio "
-              f"{metrics['fd_audio']:.4f}); best step {best['step']} ({best['score']:.4f}); "
+              f"{metrics['fd_audio']:.4f}{closed}); best step {best['step']} ({best['score']:.4f}); "
               f"{timings['total_s']:.1f} s", flush=True)
         return result
 
@@ -408,6 +457,12 @@ class Evaluator:
     def close(self) -> None:
         if self.log is not None:
             self.log.close()
+
+
+def gap_closed(score: float, start_score: float) -> float:
+    """How far a guided fine-tune has come from its start (the teacher sampled without guidance)
+    to the guided reference: 0 where it started, 1 at the reference (score 0), < 0 farther off."""
+    return 1.0 - score / start_score if start_score > 0 else float("nan")
 
 
 def write_clips(jobs: list[Job], latents: dict, bundle: EncoderBundle, vocoder, device: torch.device, out: Path,

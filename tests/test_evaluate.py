@@ -12,6 +12,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from safetensors import safe_open
 
@@ -261,3 +262,44 @@ def test_reference_guidance_follows_the_runs_dmd_guidance(tmp_path, guidance, te
     (tmp_path / "trainer.json").write_text(json.dumps({"config": config}))
     sampler = RunInfo.from_checkpoint(tmp_path, 50, teacher_given=teacher_given).teacher_cfg
     assert (sampler.cfg_video, sampler.cfg_audio, sampler.slg_block, sampler.steps) == (*expected, 50)
+
+
+# A guided fine-tune's run (stage 2) ---------------------------------------------------------------
+
+def test_a_guided_finetune_is_sampled_unguided_against_the_guided_reference(tiny_dataset, tmp_path):
+    """A flow run on teacher pairs whose rate (1e-30) leaves it at the teacher: its checkpoints, sampled
+    as the evaluator samples a fine-tune (the reference's steps, no CFG, no SLG, the reference's noise),
+    must give the start's samples (the teacher the same way) and close none of the gap to the guided
+    reference; a guided or 4-step sampling of them would not."""
+    from launcher import run_deepspeed
+    pairs = tmp_path / "pairs"
+    subprocess.run([sys.executable, "distill/pairs.py", "--config", "distill/configs/tiny.yaml", "--data",
+                    str(tiny_dataset), "--out", str(pairs), "--steps", "3", "--dtype", "float32"], cwd=REPO,
+                   check=True, capture_output=True, timeout=600)
+    ds_config = json.loads((REPO / "ds_configs" / "zero3_cpu.json").read_text())
+    ds_config["bf16"]["enabled"] = False   # fp32 weights: the fine-tune's EMA is the teacher's init itself
+    (tmp_path / "ds.json").write_text(json.dumps(ds_config))
+    run = tmp_path / "run"
+    run_deepspeed(REPO / "distill" / "train.py", "--deepspeed", str(tmp_path / "ds.json"), "--config",
+                  "distill/configs/tiny.yaml", "--data", str(tiny_dataset), "--out", str(run), "--max-steps", "4",
+                  "--save-every", "2", "objective=flow", f"data.pairs={pairs}", "generator_optim.lr=1e-30", nproc=1)
+    prompts = write_prompts(tmp_path)
+    proc = run_evaluate("--run", str(run), "--prompts", str(prompts), "--reference-steps", "3", "--dtype", "fp32")
+    assert "the fine-tune's start" in proc.stdout and "evaluated 2 checkpoint(s) [2, 4]" in proc.stdout
+
+    reference = json.loads((run / "eval" / "reference" / "reference.json").read_text())["spec"]
+    assert (reference["sampler"]["cfg_video"], reference["sampler"]["slg_block"]) == (4.0, 1)   # tiny.yaml's pairs
+    assert (reference["start_sampler"]["cfg_video"], reference["start_sampler"]["cfg_audio"],
+            reference["start_sampler"]["slg_block"], reference["start_sampler"]["steps"]) == (1.0, 1.0, None, 3)
+    ref_video, _ = load_latents(run / "eval" / "reference" / "latents.safetensors")
+    start_video, start_audio = load_latents(run / "eval" / "reference" / "start_latents.safetensors")
+    assert (start_video - ref_video).abs().max() > 1e-2, "the start must be the unguided sampling"
+    for step in (2, 4):
+        result = json.loads((run / "eval" / f"step-{step:06d}" / "metrics.json").read_text())
+        assert result["sampler"]["model"] == "guided fine-tune" and result["sampler"]["steps"] == 3
+        video, audio = load_latents(run / "eval" / f"step-{step:06d}" / "latents.safetensors")
+        torch.testing.assert_close(video, start_video, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(audio, start_audio, atol=1e-5, rtol=1e-5)
+        metrics, start = result["metrics"], result["start_metrics"]
+        assert start["score"] > 0 and metrics["gap_closed"] == pytest.approx(1 - metrics["score"] / start["score"])
+        assert abs(metrics["gap_closed"]) < 1e-3
