@@ -328,9 +328,12 @@ def sample_teacher(
     progress: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Two forwards per step: positive (text to both towers) and negative (each tower its own
-    negative prompt, with the SLG block skipped); CFG per modality; one solver per modality."""
+    negative prompt, with the SLG block skipped); CFG per modality; one solver per modality. With
+    both scales at 1 the guided prediction is the positive one: one forward per step (how a guided
+    fine-tune and an unguided teacher are sampled)."""
     _check_pair(noise_video, noise_audio)
     i2v = image_latent is not None
+    guided = cfg.cfg_video != 1.0 or cfg.cfg_audio != 1.0
     video_solver = make_solver(cfg.solver, cfg.steps, cfg.shift)
     audio_solver = make_solver(cfg.solver, cfg.steps, cfg.shift)
     video, audio = noise_video, noise_audio
@@ -338,12 +341,15 @@ def sample_teacher(
     for timestep in _progress(video_solver.schedule.timesteps.tolist(), progress, "teacher"):
         video = pin_first_frame(video, image_latent)
         t = _model_t(timestep, batch, device)
-        cond_v, cond_a = model(video, audio, t, text, text, first_frame_clean=i2v, skip_block=None)
-        uncond_v, uncond_a = model(
-            video, audio, t, neg_text_video, neg_text_audio, first_frame_clean=i2v, skip_block=cfg.skip_block
-        )
-        video = video_solver.step(classifier_free_guidance(cond_v, uncond_v, cfg.cfg_video), video)
-        audio = audio_solver.step(classifier_free_guidance(cond_a, uncond_a, cfg.cfg_audio), audio)
+        v_video, v_audio = model(video, audio, t, text, text, first_frame_clean=i2v, skip_block=None)
+        if guided:
+            uncond_v, uncond_a = model(
+                video, audio, t, neg_text_video, neg_text_audio, first_frame_clean=i2v, skip_block=cfg.skip_block
+            )
+            v_video = classifier_free_guidance(v_video, uncond_v, cfg.cfg_video)
+            v_audio = classifier_free_guidance(v_audio, uncond_a, cfg.cfg_audio)
+        video = video_solver.step(v_video, video)
+        audio = audio_solver.step(v_audio, audio)
     return pin_first_frame(video, image_latent), audio
 
 

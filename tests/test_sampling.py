@@ -1,4 +1,5 @@
 """Samplers: golden reproduction of Ovi's solvers, the teacher loop (CFG, SLG, i2v), the student loop."""
+import dataclasses
 import json
 
 import pytest
@@ -174,6 +175,21 @@ def test_teacher_cfg_is_standard_form_per_modality():
     out_v, out_a = sample_teacher(RecordingModel(), video, audio, text, neg_v, neg_a, cfg)
     torch.testing.assert_close(video - out_v, torch.full_like(video, -2.0 + 4.0 * (1.0 - -2.0)))
     torch.testing.assert_close(audio - out_a, torch.full_like(audio, 5.0 + 3.0 * (1.0 - 5.0)))
+
+
+def test_teacher_without_guidance_runs_the_positive_pass_alone():
+    text, neg_v, neg_a = const_text(1.0), const_text(-2.0), const_text(5.0)
+    cfg = TeacherSamplerConfig(steps=1, solver="euler", cfg_video=1.0, cfg_audio=1.0, slg_block=11)
+    video, audio = noises()
+    model = RecordingModel()
+    out_v, out_a = sample_teacher(model, video, audio, text, neg_v, neg_a, cfg)
+    assert len(model.calls) == 1 and model.calls[0]["text_video"] is text and model.calls[0]["skip_block"] is None
+    torch.testing.assert_close(video - out_v, torch.full_like(video, 1.0))
+    torch.testing.assert_close(audio - out_a, torch.full_like(audio, 1.0))
+    # one scale off 1 guides both towers' passes again
+    model = RecordingModel()
+    sample_teacher(model, video, audio, text, neg_v, neg_a, dataclasses.replace(cfg, cfg_audio=3.0))
+    assert len(model.calls) == 2
 
 
 def test_classifier_free_guidance_scale_one_is_the_conditional_prediction():
