@@ -572,13 +572,20 @@ def sampling_noise(n: int, generator_seed: int, device) -> tuple[torch.Tensor, t
 def sample_fine_tune(guided, size: SizeConfig, device, noise_seed: int | None = None) -> dict[int, dict]:
     """{class: {"video", "audio"}}: "guided@50", a guided fine-tune's own 50-step samples without
     guidance (it is the guided samples' score), from the run's noise (teacher@50's)."""
+    return sample_at_50(guided, size, device, guidance=False, noise_seed=noise_seed)
+
+
+def sample_at_50(model, size: SizeConfig, device, guidance: bool, noise_seed: int | None = None) -> dict[int, dict]:
+    """{class: {"video", "audio"}}: 50 UniPC steps from the run's noise (teacher@50's), with the run's
+    CFG + SLG (teacher@50 itself) or without guidance."""
     from distill.sampling import TeacherSamplerConfig, sample_teacher
     n, prompts = size.eval_per_class, class_prompts(size.world)
     seed = size.seeded(7) if noise_seed is None else noise_seed
-    neg, unguided = padded(null_prompt(), n, device), TeacherSamplerConfig(steps=50, cfg_video=1.0, cfg_audio=1.0, slg_block=None)
-    out = {}
+    sampler = (TeacherSamplerConfig(steps=50, cfg_video=size.cfg, cfg_audio=size.cfg, slg_block=size.slg_block) if guidance
+               else TeacherSamplerConfig(steps=50, cfg_video=1.0, cfg_audio=1.0, slg_block=None))
+    neg, out = padded(null_prompt(), n, device), {}
     for k in range(size.world.num_classes):
-        v, a = sample_teacher(guided, *sampling_noise(n, seed * 1000 + k, device), padded(prompts[k], n, device), neg, neg, unguided)
+        v, a = sample_teacher(model, *sampling_noise(n, seed * 1000 + k, device), padded(prompts[k], n, device), neg, neg, sampler)
         out[k] = {"video": v.float().cpu(), "audio": a.float().cpu()}
     return out
 

@@ -14,6 +14,8 @@ other noise (the distribution alone), to the fine-tune's own 50-step samples (gu
 distribution DMD aims at) and to the truth. Session 14 found the drift of issue 16
 this way (bench/results/dmd_drift_ablation_cpu_s14.json). --measure does the same for the run's own
 samplers from its samples.pt (OUT/measure.json): where its students went, relative to DMD's target.
+--measure and --fine-tune also give stage 2's gap closed: how far the fine-tune's samples came from
+the teacher without guidance to teacher@50's, by the judge and by distill/evaluate.py's gap_closed.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ from bench import toyworld as tw
 from bench.toyworld_redraw import read_run, run_teacher
 
 FINE_TUNE = "guided@50"
+START = "teacher unguided@50"   # where stage 2 starts: the teacher sampled without guidance, the run's noise
 KEEP = ("to_t50", "to_t50_other_noise", "to_guided50", "to_truth", "diversity", "onset")
 
 
@@ -50,6 +53,25 @@ def distances(samples: dict[str, dict[int, dict]], size: tw.SizeConfig) -> dict[
                    "to_guided50": to_fine_tune[name]["fd_ref_mean"], "to_truth": r["fd_mean"],
                    "diversity": r["diversity_ratio"], "onset": r["onset_agreement"]}
             for name, r in judged.items() if "fd_ref_mean" in r and name != tw.REFERENCE}
+
+
+def stage2_gap(teacher, fine_tunes: dict, size: tw.SizeConfig, device: torch.device) -> dict:
+    """How far each fine-tune's samples came from stage 2's start (the teacher without guidance) to
+    teacher@50's guided samples: by the judge (its FD to teacher@50's samples) and by
+    distill/evaluate.py's gap_closed on its latent score (what a user sees on real weights); 1 = at
+    teacher@50's samples, 0 = where it started. Sampled again, whole (samples.pt keeps features only)."""
+    from distill.evaluate import gap_closed
+    samples = {tw.REFERENCE: tw.sample_at_50(teacher, size, device, guidance=True),
+               START: tw.sample_at_50(teacher, size, device, guidance=False),
+               **{name: tw.sample_fine_tune(model, size, device) for name, model in fine_tunes.items()}}
+    judged = tw.evaluate(samples, size.world, size.truth_per_class, seed=size.seeded(12345))
+    scored = tw.evaluator_metrics(samples)
+    start_fd, start_score = judged[START]["fd_ref_mean"], scored[START]["score"]
+    return {"start_to_t50": start_fd, "start_score": start_score,
+            **{name: {"to_t50": judged[name]["fd_ref_mean"], "score": scored[name]["score"],
+                      "judge_gap_closed": 1.0 - judged[name]["fd_ref_mean"] / start_fd,
+                      "evaluator_gap_closed": gap_closed(scored[name]["score"], start_score)}
+               for name in fine_tunes}}
 
 
 def redmd(run: Path, out: Path, sets: list[str], dmd: list[str], device: torch.device) -> dict:
@@ -88,22 +110,28 @@ def refine_tune(run: Path, out: Path, sets: list[str], flow: list[str], device: 
     train_s = time.perf_counter() - t0
     saved = torch.load(run / "samples.pt", weights_only=False)
     samples = {name: saved[name] for name in (tw.REFERENCE, tw.REFERENCE_FLOOR, FINE_TUNE)}
-    samples[f"{FINE_TUNE}, changed"] = tw.sample_fine_tune(tw.load_model(guided, size.num_layers, device), size, device)
-    result = {"run": str(run), "set": sets, "flow": flow, "train_s": train_s, "distances": distances(samples, size)}
+    load = lambda path: tw.load_model(path, size.num_layers, device)
+    samples[f"{FINE_TUNE}, changed"] = tw.sample_fine_tune(load(guided), size, device)
+    result = {"run": str(run), "set": sets, "flow": flow, "train_s": train_s, "distances": distances(samples, size),
+              "stage2": stage2_gap(load(teacher), {FINE_TUNE: load(run / "guided.safetensors"),
+                                                   f"{FINE_TUNE}, changed": load(guided)}, size, device)}
     (out / "refine_tune.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
 
 
-def measure(run: Path, out: Path) -> dict:
-    """The run's own saved samples (samples.pt), measured the four ways, into OUT/measure.json."""
-    _, size = read_run(run)
+def measure(run: Path, out: Path, device: torch.device) -> dict:
+    """The run's own saved samples (samples.pt), measured the four ways, and stage 2's gap closed
+    (the teacher sampled again without guidance), into OUT/measure.json."""
+    report, size = read_run(run)
     saved = run / "samples.pt"
     if not saved.is_file():
         raise SystemExit(f"{run}: no samples.pt (the samples a bench/toyworld.py run saves)")
     samples = torch.load(saved, weights_only=False)
     if FINE_TUNE not in samples:
         raise SystemExit(f"{saved}: no {FINE_TUNE} samples: not a guided run (guided_steps > 0)")
-    result = {"run": str(run), "distances": distances(samples, size)}
+    load = lambda path: tw.load_model(path, size.num_layers, device)
+    result = {"run": str(run), "distances": distances(samples, size),
+              "stage2": stage2_gap(load(run_teacher(run, report)), {FINE_TUNE: load(run / "guided.safetensors")}, size, device)}
     out.mkdir(parents=True, exist_ok=True)
     (out / "measure.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
@@ -127,7 +155,7 @@ def main(argv=None) -> int:
     if args.fine_tune and args.dmd or args.flow and not args.fine_tune:
         parser.error("--dmd changes the DMD stage, --flow the fine-tune (--fine-tune)")
     if args.measure:
-        result = measure(args.run, args.out)
+        result = measure(args.run, args.out, device)
     elif args.fine_tune:
         result = refine_tune(args.run, args.out, args.set, args.flow, device)
     else:
@@ -135,6 +163,10 @@ def main(argv=None) -> int:
     print(" " * 28 + " ".join(f"{k:>11s}" for k in KEEP))
     for name, d in result["distances"].items():
         print(f"{name:28s}" + " ".join(f"{d[k]:11.3f}" for k in KEEP))
+    for name, gap in result.get("stage2", {}).items():
+        if isinstance(gap, dict):
+            print(f"stage 2, {name}: gap closed {gap['judge_gap_closed']:.2f} by the judge, "
+                  f"{gap['evaluator_gap_closed']:.2f} by distill/evaluate.py's score")
     return 0
 
 

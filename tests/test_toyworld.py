@@ -341,17 +341,27 @@ def test_ci_size_guided_student_beats_the_teacher_at_four_steps(tmp_path):
     # --measure: the run's own students from its samples.pt, the same distances, no training; the one
     # to teacher@50's other-noise draw is its distance to that draw (zero for the draw itself)
     from bench.toyworld_redmd import measure
-    own = measure(tmp_path / "again", tmp_path / "measured")["distances"]
+    measured = measure(tmp_path / "again", tmp_path / "measured", torch.device("cpu"))
+    own = measured["distances"]
     assert own["student@4"]["to_t50"] == pytest.approx(again["results"]["student@4"]["fd_ref_mean"], rel=1e-6)
     assert own["student@4"]["to_truth"] == pytest.approx(again["results"]["student@4"]["fd_mean"], rel=1e-6)
     assert own["guided@50"]["to_guided50"] == pytest.approx(0.0, abs=1e-6) and own["student@4"]["to_guided50"] > 0
     assert own[tw.REFERENCE_FLOOR]["to_t50_other_noise"] == pytest.approx(0.0, abs=1e-6)
     assert own[tw.REFERENCE_FLOOR]["to_t50"] == pytest.approx(again["results"][tw.REFERENCE_FLOOR]["fd_ref_mean"], rel=1e-6)
     assert own["student@4"]["to_t50_other_noise"] > 0
+    # stage 2's gap: the fine-tune's distance to teacher@50's samples over its start's (the teacher
+    # sampled without guidance), by the judge and by the evaluator's score
+    gap = measured["stage2"]
+    assert gap["start_to_t50"] > 0 and gap["start_score"] > 0
+    assert gap["guided@50"]["to_t50"] == pytest.approx(own["guided@50"]["to_t50"], rel=1e-5)   # sampled again, the same
+    assert gap["guided@50"]["judge_gap_closed"] == pytest.approx(1 - gap["guided@50"]["to_t50"] / gap["start_to_t50"])
+    assert gap["guided@50"]["evaluator_gap_closed"] == pytest.approx(1 - gap["guided@50"]["score"] / gap["start_score"])
     # --fine-tune: stage 2 again (two steps here), measured beside the run's own fine-tune and teacher@50
     from bench.toyworld_redmd import refine_tune
-    stage2 = refine_tune(tmp_path / "again", tmp_path / "refined", ["guided_steps=2"], ["log.every=1"],
-                         torch.device("cpu"))["distances"]
+    refined = refine_tune(tmp_path / "again", tmp_path / "refined", ["guided_steps=2"], ["log.every=1"], torch.device("cpu"))
+    stage2 = refined["distances"]
+    assert set(refined["stage2"]) == {"start_to_t50", "start_score", "guided@50", "guided@50, changed"}
+    assert refined["stage2"]["start_to_t50"] == pytest.approx(gap["start_to_t50"], rel=1e-6)   # the same teacher, noise
     assert stage2["guided@50"]["to_t50"] == pytest.approx(again["results"]["guided@50"]["fd_ref_mean"], rel=1e-6)
     assert stage2["guided@50, changed"]["to_guided50"] > 0 and math.isfinite(stage2["guided@50, changed"]["to_t50"])
     rows = [json.loads(line) for line in (tmp_path / "refined" / "guided_run" / "metrics.jsonl").read_text().splitlines()]
