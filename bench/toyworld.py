@@ -285,7 +285,8 @@ class SizeConfig:
     # regression_weight > 0: the student also regresses on `pairs` teacher pairs (distill/pairs.py):
     # session 9's answer to guided drift (then against the CFG score), replaced by guided_steps; with
     # guided_steps (the same pairs) an anchor at teacher@50's own samples beside DMD against the
-    # fine-tune, measured in session 17 (bench/RESULTS.md, "Guided DMD"), not in the recipe.
+    # fine-tune, measured in sessions 17-18 (bench/RESULTS.md, "Guided DMD"), not in the recipe: on
+    # fresh seeds it held every guided run and missed CFG 1.
     lr_decay: str = "cosine"
     lr_min_ratio: float = 0.1
     generator_lr_min_ratio: float | None = None
