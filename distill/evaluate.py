@@ -31,7 +31,9 @@ with dmd.guidance=samples will query it), against the original teacher's CFG + S
 start, the original teacher sampled the same way, is made once with the reference; every step then
 reports gap_closed, the part of the start's score it has closed (1: at the reference). DMD aims at
 this model's samples: a fine-tune that stops short of the guided reference makes a student that
-does too (bench/RESULTS.md, "Guided DMD", session 17). best.json names its closest checkpoint.
+does too (bench/RESULTS.md, "Guided DMD", session 17). best.json names its lowest-score step; in the
+toy world the score once ranked a longer fine-tune below a shorter one that its judge put farther
+(session 18): read it with the contact sheets.
 
 --once (the default) evaluates what is complete now and exits. --watch polls every --poll-s
 seconds until the checkpoint of the run's last step (trainer.json max_steps) is evaluated, or
@@ -365,8 +367,8 @@ class Evaluator:
                                   {"seconds": round(seconds, 3)})
         self.reference = store.load_latents(folder / store.LATENTS_FILE)
         if with_start:
-            start = store.load_latents(folder / store.START_LATENTS_FILE)
-            self.start_metrics = checkpoint_metrics(*start, *self.reference, groups=self.plan.groups)
+            start_latents = store.load_latents(folder / store.START_LATENTS_FILE)
+            self.start_metrics = checkpoint_metrics(*start_latents, *self.reference, groups=self.plan.groups)
             print(f"the fine-tune's start (the teacher without guidance): score {self.start_metrics['score']:.4f}",
                   flush=True)
 
