@@ -17,7 +17,9 @@ it on your cluster) and loading umT5 once.
 
 The reference: --reference-steps-run teacher steps for one clip are timed and extrapolated to
 --reference-steps x --clips (the teacher's steps all cost the same: 2 DiT forwards each), plus the
-clips' decode at the measured per-clip cost. The one DiT serves as teacher and student: the
+clips' decode at the measured per-clip cost. A guided fine-tune's checkpoint (stage 2) is sampled
+by the same teacher sampler without CFG or SLG (one forward a step), timed the same way: its
+per-checkpoint cost is the student's with the 4-step sampling replaced by that extrapolation. The one DiT serves as teacher and student: the
 evaluator holds one at a time as well.
 """
 from __future__ import annotations
@@ -99,6 +101,14 @@ def run(args: argparse.Namespace) -> dict:
     step_s = clock.lap() / args.reference_steps_run
     record("teacher_step_s", step_s)
     record("reference_peak_gib", peak_gib(device))
+    # a guided fine-tune's checkpoint (stage 2) is sampled as DMD queries it: the same steps, no CFG, no
+    # SLG (distill/evaluate.py's RunInfo.unguided): the positive pass alone
+    unguided = TeacherSamplerConfig(steps=args.reference_steps_run, cfg_video=1.0, cfg_audio=1.0, slg_block=None)
+    clock.lap()
+    sample_latents(dit, jobs[:1], replace(cfg, teacher=True, teacher_cfg=unguided), variant, texts, negatives, {}, (),
+                   device, dtype)
+    unguided_step_s = clock.lap() / args.reference_steps_run
+    record("unguided_teacher_step_s", unguided_step_s)
     # the metrics' cost does not depend on the values: random reference latents of the clips' shape
     g = torch.Generator().manual_seed(1)
     one_video, one_audio = reference[jobs[0].name]
@@ -132,8 +142,12 @@ def run(args: argparse.Namespace) -> dict:
     steady = passes[-1]
     decode_per_clip = steady["decode_mp4_sheet_s"] / args.clips
     reference_s = step_s * args.reference_steps * args.clips + decode_per_clip * args.clips
+    unguided_dit_s = unguided_step_s * args.reference_steps * args.clips
     record("summary", {
         "seconds_per_checkpoint": steady["total_s"], "seconds_per_checkpoint_first": passes[0]["total_s"],
+        # stage 2: the student's 4-step sampling replaced by the unguided teacher's reference steps
+        "seconds_per_fine_tune_checkpoint_extrapolated": steady["total_s"] - steady["student_sampling_s"] + unguided_dit_s,
+        "fine_tune_dit_s_extrapolated": unguided_dit_s,
         "reference_s_extrapolated": reference_s, "reference_dit_s_extrapolated": step_s * args.reference_steps * args.clips,
         "peak_gib": None if device.type != "cuda" else max([results["reference_peak_gib"]] + [p["peak_gib"] for p in passes]),
         "fits_80gb": None if device.type != "cuda" else max([results["reference_peak_gib"]] + [p["peak_gib"] for p in passes]) < USABLE_GIB_80GB,
@@ -157,6 +171,10 @@ def table(r: dict) -> str:
               f"**{s['reference_s_extrapolated']:.1f} s** ({s['reference_dit_s_extrapolated']:.1f} s DiT + decode)",
               f"Per checkpoint: **{s['seconds_per_checkpoint']:.1f} s** steady ({s['seconds_per_checkpoint_first']:.1f} s "
               f"first); peak GPU memory {fmt(s['peak_gib'])} GiB (fits 80 GB: {s['fits_80gb']}).",
+              f"Per checkpoint of a guided fine-tune (stage 2: {r['reference_steps']} unguided teacher steps, "
+              f"{r['unguided_teacher_step_s']:.3f} s/step, instead of the 4-step student): "
+              f"**{s['seconds_per_fine_tune_checkpoint_extrapolated']:.1f} s** ({s['fine_tune_dit_s_extrapolated']:.1f} s DiT, "
+              "extrapolated); its start (the teacher unguided) is made once with the reference at the same cost.",
               f"Not included: {s['not_included']}."]
     return "\n".join(lines)
 

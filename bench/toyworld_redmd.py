@@ -55,15 +55,14 @@ def distances(samples: dict[str, dict[int, dict]], size: tw.SizeConfig) -> dict[
             for name, r in judged.items() if "fd_ref_mean" in r and name != tw.REFERENCE}
 
 
-def stage2_gap(teacher, fine_tunes: dict, size: tw.SizeConfig, device: torch.device) -> dict:
-    """How far each fine-tune's samples came from stage 2's start (the teacher without guidance) to
-    teacher@50's guided samples: by the judge (its FD to teacher@50's samples) and by
-    distill/evaluate.py's gap_closed on its latent score (what a user sees on real weights); 1 = at
-    teacher@50's samples, 0 = where it started. Sampled again, whole (samples.pt keeps features only)."""
+def stage2_gap(teacher, fine_tunes: dict[str, dict], size: tw.SizeConfig, device: torch.device) -> dict:
+    """How far each fine-tune's samples ({name: tw.sample_fine_tune's whole samples}: samples.pt keeps
+    features only) came from stage 2's start (the teacher without guidance) to teacher@50's guided
+    samples: by the judge (its FD to teacher@50's samples) and by distill/evaluate.py's gap_closed on
+    its latent score (what a user sees on real weights); 1 = at teacher@50's samples, 0 = where it started."""
     from distill.evaluate import gap_closed
     samples = {tw.REFERENCE: tw.sample_at_50(teacher, size, device, guidance=True),
-               START: tw.sample_at_50(teacher, size, device, guidance=False),
-               **{name: tw.sample_fine_tune(model, size, device) for name, model in fine_tunes.items()}}
+               START: tw.sample_at_50(teacher, size, device, guidance=False), **fine_tunes}
     judged = tw.evaluate(samples, size.world, size.truth_per_class, seed=size.seeded(12345))
     scored = tw.evaluator_metrics(samples)
     start_fd, start_score = judged[START]["fd_ref_mean"], scored[START]["score"]
@@ -111,10 +110,10 @@ def refine_tune(run: Path, out: Path, sets: list[str], flow: list[str], device: 
     saved = torch.load(run / "samples.pt", weights_only=False)
     samples = {name: saved[name] for name in (tw.REFERENCE, tw.REFERENCE_FLOOR, FINE_TUNE)}
     load = lambda path: tw.load_model(path, size.num_layers, device)
-    samples[f"{FINE_TUNE}, changed"] = tw.sample_fine_tune(load(guided), size, device)
+    changed = samples[f"{FINE_TUNE}, changed"] = tw.sample_fine_tune(load(guided), size, device)
+    original = tw.sample_fine_tune(load(run / "guided.safetensors"), size, device)
     result = {"run": str(run), "set": sets, "flow": flow, "train_s": train_s, "distances": distances(samples, size),
-              "stage2": stage2_gap(load(teacher), {FINE_TUNE: load(run / "guided.safetensors"),
-                                                   f"{FINE_TUNE}, changed": load(guided)}, size, device)}
+              "stage2": stage2_gap(load(teacher), {FINE_TUNE: original, f"{FINE_TUNE}, changed": changed}, size, device)}
     (out / "refine_tune.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
 
@@ -131,7 +130,8 @@ def measure(run: Path, out: Path, device: torch.device) -> dict:
         raise SystemExit(f"{saved}: no {FINE_TUNE} samples: not a guided run (guided_steps > 0)")
     load = lambda path: tw.load_model(path, size.num_layers, device)
     result = {"run": str(run), "distances": distances(samples, size),
-              "stage2": stage2_gap(load(run_teacher(run, report)), {FINE_TUNE: load(run / "guided.safetensors")}, size, device)}
+              "stage2": stage2_gap(load(run_teacher(run, report)),
+                                  {FINE_TUNE: tw.sample_fine_tune(load(run / "guided.safetensors"), size, device)}, size, device)}
     out.mkdir(parents=True, exist_ok=True)
     (out / "measure.json").write_text(json.dumps(result, indent=1) + "\n")
     return result

@@ -30,6 +30,12 @@ def test_evaluate_cost_smoke(tmp_path):
     assert s["seconds_per_checkpoint"] == r["checkpoint_pass_1"]["total_s"]
     # 50 steps x 2 clips at the timed per-step cost, plus the clips' decode
     assert s["reference_dit_s_extrapolated"] == r["teacher_step_s"] * 50 * 2
+    # a guided fine-tune's checkpoint: the student's sampling replaced by 50 unguided teacher steps a clip
+    assert s["fine_tune_dit_s_extrapolated"] == r["unguided_teacher_step_s"] * 50 * 2
+    steady = r["checkpoint_pass_1"]
+    assert s["seconds_per_fine_tune_checkpoint_extrapolated"] == steady["total_s"] - steady["student_sampling_s"] + \
+        s["fine_tune_dit_s_extrapolated"]
+    assert "Per checkpoint of a guided fine-tune" in proc.stdout
 
 
 def test_build_dit_takes_a_depth():

@@ -364,6 +364,8 @@ def test_ci_size_guided_student_beats_the_teacher_at_four_steps(tmp_path):
     assert refined["stage2"]["start_to_t50"] == pytest.approx(gap["start_to_t50"], rel=1e-6)   # the same teacher, noise
     assert stage2["guided@50"]["to_t50"] == pytest.approx(again["results"]["guided@50"]["fd_ref_mean"], rel=1e-6)
     assert stage2["guided@50, changed"]["to_guided50"] > 0 and math.isfinite(stage2["guided@50, changed"]["to_t50"])
+    # one sampling of the changed fine-tune serves both: its distances and stage 2's gap
+    assert refined["stage2"]["guided@50, changed"]["to_t50"] == pytest.approx(stage2["guided@50, changed"]["to_t50"], rel=1e-5)
     rows = [json.loads(line) for line in (tmp_path / "refined" / "guided_run" / "metrics.jsonl").read_text().splitlines()]
     assert max(r["step"] for r in rows) == 1 and (tmp_path / "refined" / "refine_tune.json").is_file()
     assert (tmp_path / "measured" / "measure.json").is_file()
