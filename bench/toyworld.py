@@ -367,6 +367,8 @@ SIZES = {
     # instead of 23% / 17%. Tried because the lower floor slowed the drift on seed 111 (session 14).
     # Fresh seeds 171-173 (CPU): every FD bar held; 5 of 7 runs within 5% at twice the steps, both
     # guided runs of seed 172 not (1.11x / 1.16x): there the student stayed on the fine-tune's samples.
+    # Fresh seeds 201-203 (CPU, session 19, unchanged): every FD bar held at CFG 1, 2 and 3; 6 of 9 runs
+    # within 5% at twice the steps (the misses 5.3-5.7%, two of them students at the judge's own floor).
     "ci": SizeConfig(world=WorldConfig(num_classes=3), train_per_class=512, eval_per_class=64, truth_per_class=1000,
                      flow_steps=400, dmd_steps=800, batch_size=64, flow_lr=2e-3, generator_lr=1.2e-4, critic_lr=1.6e-3,
                      critic_ratio=10, cfg=2.0, ranks=1, fp32=True, student_sigmas=UNIFORM_SIGMAS, renoise="implied",
