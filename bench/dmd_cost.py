@@ -1,14 +1,15 @@
 """GPU-hours of a DMD run of the full Ovi (30 fused layers, 11.66B parameters per model) at 720x720,
-one sample per GPU, projected from the one-GPU measurements in bench/results/ (2 layers, H100).
+one sample per GPU, projected from the one-GPU measurements in bench/results/ (3 layers, H100).
 
     python bench/dmd_cost.py [--steps 3000] [--gpus 8 16 64]
 
-A trainer step is one critic update plus a generator update every `critic_ratio` (5) steps; the
-exit index is uniform over 4 student steps (1.5 extra no-grad student forwards on average).
+A trainer step is one critic update plus a generator update every `dmd.critic_ratio` steps (the
+recipe's, distill/configs/ovi_720_5s.yaml); the exit index is uniform over 4 student steps (1.5
+extra no-grad student forwards on average).
 
-Measured (one H100, world size 1): the plain blocks' forward and checkpointed forward+backward
-(`--reference`), the DMD steps of issue 19's code and their optimizer steps and EMA (`--breakdown`),
-the peak memory. Projected: depth (block compute scales with layers; DeepSpeed's remaining
+Measured (one H100, world size 1, 3 fused layers: the most one 80 GB card holds): the plain blocks'
+forward and checkpointed forward+backward (`--reference`), the DMD steps and their optimizer steps
+and EMA (`--breakdown`), the peak memory. Projected: depth (block compute scales with layers; DeepSpeed's remaining
 overhead either stays per step, 'low', or grows with the hooked modules per forward, 35 + 10 per
 layer, 'high'), the optimizer (scales with parameters per GPU), and communication, which was not
 measured on H100 (multi-GPU machines were not lent): ZeRO-3 moves about 6.8 bf16 model copies per
@@ -21,14 +22,18 @@ import argparse
 import json
 from pathlib import Path
 
+import yaml
+
 RESULTS = Path(__file__).resolve().parent / "results"
+RECIPE = Path(__file__).resolve().parents[1] / "distill" / "configs" / "ovi_720_5s.yaml"
 FULL_PARAMS, FULL_LAYERS = 11.66e9, 30
 BYTES_PER_PARAM = 38  # generator and fake score 16 each (bf16 param + grad, fp32 master + 2 moments), teacher 2, EMA 4
 MEAN_EXTRA_FORWARDS = 1.5  # exit index ~ U{0..3}
-CRITIC_RATIO = 5
+CRITIC_RATIO = yaml.safe_load(RECIPE.read_text())["dmd"]["critic_ratio"]
 # ZeRO-3 traffic per trainer step in bf16 model copies: critic step 2.5 student forwards + the fake
 # score's forward, backward re-gather and gradient reduce-scatter (5.5); generator step 1.5 + the
-# student's forward, re-gather and reduce-scatter + fake score + stacked teacher (6.5), every 5th step
+# student's forward, re-gather and reduce-scatter + fake score + stacked teacher (6.5), every
+# CRITIC_RATIO-th step
 MODEL_COPIES_MOVED = 5.5 + 6.5 / CRITIC_RATIO
 GiB = 2**30
 
@@ -40,10 +45,10 @@ def hooked_modules(layers: int) -> int:
 
 
 def measured(results: Path = RESULTS) -> dict:
-    run = json.loads((results / "dmd_step_1xh100_issue19.json").read_text())
+    run = json.loads((results / "dmd_step_1xh100_s20_L3.json").read_text())
     row = next(r for r in run["rows"] if r["grid"] == "720x720" and r["batch_per_gpu"] == 1)
     ref = {(r["plain_reference"], r["batch_per_gpu"]): r
-           for r in map(json.loads, (results / "dmd_step_1xh100_reference.jsonl").read_text().splitlines())}
+           for r in map(json.loads, (results / "dmd_step_1xh100_s20_reference.jsonl").read_text().splitlines())}
     b1, b2 = ref["720x720", 1], ref["720x720", 2]
     phases = row["breakdown_s"]
     return {"layers": run["layers"], "params": run["params_per_model"], "device": run["device"],
@@ -89,7 +94,8 @@ def main():
     parser.add_argument("--gpus", type=int, nargs="+", default=[8, 16, 64])
     args = parser.parse_args()
     m = measured()
-    print(f"measured on {m['device']}, {m['layers']} layers, world size 1; projected to {FULL_LAYERS} layers\n")
+    print(f"measured on {m['device']}, {m['layers']} layers, world size 1; projected to {FULL_LAYERS} layers; "
+          f"a generator update every {CRITIC_RATIO} trainer steps\n")
     print("| GPUs | memory per GPU GiB (projected) | trainer step s (low – high) | wall-clock h | GPU-hours (low – high) |")
     print("|---:|---:|---:|---:|---:|")
     for gpus in args.gpus:
