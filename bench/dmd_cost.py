@@ -9,9 +9,9 @@ extra no-grad student forwards on average).
 
 Measured (one H100, world size 1, 3 fused layers: the most one 80 GB card holds): the plain blocks'
 forward and checkpointed forward+backward (`--reference`), the DMD steps and their optimizer steps
-and EMA (`--breakdown`), the peak memory. Projected: depth (block compute scales with layers; DeepSpeed's remaining
-overhead either stays per step, 'low', or grows with the hooked modules per forward, 35 + 10 per
-layer, 'high'), the optimizer (scales with parameters per GPU), and communication, which was not
+and EMA (`--breakdown`; the first of two runs, the second was 8-18% slower), the peak memory.
+Projected: depth (block compute scales with layers; DeepSpeed's remaining overhead either stays
+per step, 'low', or grows with the hooked modules per forward, 35 + 10 per layer, 'high'), the optimizer (scales with parameters per GPU), and communication, which was not
 measured on H100 (multi-GPU machines were not lent): ZeRO-3 moves about 6.2 bf16 model copies per
 trainer step per GPU; 'low' assumes it is hidden behind compute, 'high' adds it at 350 GB/s inside
 a node (8 GPUs) and 50 GB/s per GPU across nodes (16, 64 GPUs).
