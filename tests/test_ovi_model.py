@@ -181,3 +181,49 @@ def test_tiny_variant_is_deterministic():
     for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
         assert torch.equal(p, q), n
     assert a.cfg.video.text_len == 32 and a.cfg.video.text_dim == 32
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_channel_last_conv1d_is_the_convolution(bias):
+    """The audio stem's unfolded-window matmul equals torch's Conv1d (fp32: rounding only), in the
+    output and in every gradient, and keeps nn.Conv1d's parameter names and shapes (checkpoint keys)."""
+    from distill.models.layers import ChannelLastConv1d
+    torch.manual_seed(0)
+    ours = ChannelLastConv1d(12, 40, kernel_size=7, padding=3, bias=bias).double()
+    reference = copy.deepcopy(ours)
+    x = torch.randn(3, 29, 12, dtype=torch.float64, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    out = ours(x)
+    out_ref = torch.nn.functional.conv1d(x_ref.transpose(1, 2), reference.weight, reference.bias, padding=3).transpose(1, 2)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    out_ref.backward(grad)
+    torch.testing.assert_close(out, out_ref)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(ours.weight.grad, reference.weight.grad)
+    if bias:
+        torch.testing.assert_close(ours.bias.grad, reference.bias.grad)
+    assert [name for name, _ in ours.named_parameters()] == (["weight", "bias"] if bias else ["weight"])
+    assert ours.weight.shape == (40, 12, 7)
+
+
+@pytest.mark.parametrize("kwargs", [{"stride": 2}, {"dilation": 2}, {"groups": 2}, {"padding": "same"}])
+def test_channel_last_conv1d_refuses_what_it_does_not_compute(kwargs):
+    from distill.models.layers import ChannelLastConv1d
+    conv = ChannelLastConv1d(4, 8, kernel_size=3, **kwargs)
+    with pytest.raises(ValueError, match="stride 1"):
+        conv(torch.randn(1, 10, 4))
+
+
+def test_audio_stem_bench_agrees_with_torch_conv1d(tmp_path):
+    """bench/audio_stem.py (CPU, a narrow stem): both paths run and give the same stem."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    out = tmp_path / "audio_stem.json"
+    repo = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, str(repo / "bench/audio_stem.py"), "--dim", "32", "--batch", "1", "--repeats", "1",
+                    "--dtype", "float32", "--device", "cpu", "--out", str(out)], check=True, cwd=repo)
+    (row,) = json.loads(out.read_text())
+    assert row["tokens"] == 157 and row["dim"] == 32 and row["unfolded_matmul_ms"] > 0 and row["torch_conv1d_ms"] > 0
+    assert row["max_abs_diff_out_rel"] < 1e-5 and row["max_abs_diff_input_grad_rel"] < 1e-5

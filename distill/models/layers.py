@@ -152,25 +152,33 @@ class PatchEmbed3d(nn.Conv3d):
 
 
 class ChannelLastConv1d(nn.Conv1d):
-    """Conv1d over [B, L, C] tokens (Ovi keeps audio latents channel-last)."""
+    """Conv1d (stride 1) over [B, L, C] tokens (Ovi keeps audio latents channel-last), computed as one
+    matmul over the unfolded windows, with nn.Conv1d's parameters and checkpoint keys. Why not the
+    convolution: at Ovi's width (3072 -> 8192, kernel 7) cuDNN's bf16 path spent 19 ms of a 720x720
+    DMD step in NCHW/NHWC layout transposes beside its 23 ms of convolution (session 20's profile),
+    and the stem's forward + backward runs 5-6x faster as a matmul (bench/audio_stem.py, one H100,
+    bench/RESULTS.md); the windows cost 7x the stem's activations, a few MB."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.transpose(1, 2)).transpose(1, 2)
+        if (self.stride, self.dilation, self.groups, self.padding_mode) != ((1,), (1,), 1, "zeros") or isinstance(self.padding, str):
+            raise ValueError(f"ChannelLastConv1d computes stride 1, dilation 1, one group, numeric zero padding: {self}")
+        (pad,), (kernel,) = self.padding, self.kernel_size
+        windows = F.pad(x, (0, 0, pad, pad)).unfold(1, kernel, 1)          # [B, L', C, kernel]
+        return F.linear(windows.flatten(2), self.weight.flatten(1), self.bias)
 
 
 class ConvMLP(nn.Module):
-    """Gated conv MLP of the audio stem: w2(silu(w1 x) · w3 x), kernel 7, no biases."""
+    """Gated conv MLP of the audio stem: w2(silu(w1 x) · w3 x), kernel 7, no biases, channel-last."""
 
     def __init__(self, dim: int, hidden: int, kernel: int = 7):
         super().__init__()
         pad = kernel // 2
-        self.w1 = nn.Conv1d(dim, hidden, kernel, padding=pad, bias=False)
-        self.w2 = nn.Conv1d(hidden, dim, kernel, padding=pad, bias=False)
-        self.w3 = nn.Conv1d(dim, hidden, kernel, padding=pad, bias=False)
+        self.w1 = ChannelLastConv1d(dim, hidden, kernel, padding=pad, bias=False)
+        self.w2 = ChannelLastConv1d(hidden, dim, kernel, padding=pad, bias=False)
+        self.w3 = ChannelLastConv1d(dim, hidden, kernel, padding=pad, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.transpose(1, 2)
-        return self.w2(F.silu(self.w1(x)) * self.w3(x)).transpose(1, 2)
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 def conv_mlp_hidden(dim: int) -> int:
