@@ -25,14 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from distill.models import variant_config
-from distill.models.layers import ChannelLastConv1d, ConvMLP, conv_mlp_hidden
+from distill.models.layers import audio_stem
 from precompute.variants import get_variant
-
-
-def stem(in_dim: int, dim: int) -> nn.Sequential:
-    """The audio tower's patch embedding, as distill/models/tower.py builds it."""
-    return nn.Sequential(ChannelLastConv1d(in_dim, dim, kernel_size=7, padding=3), nn.SiLU(),
-                         ConvMLP(dim, conv_mlp_hidden(dim)))
 
 
 def through_torch_conv1d(model: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
@@ -64,7 +58,7 @@ def measure(variant: str, batch: int, device: torch.device, dtype: torch.dtype, 
     dim = dim or tower.dim
     tokens = get_variant(variant).audio_latents
     torch.manual_seed(0)
-    model = stem(tower.in_dim, dim).to(device=device, dtype=dtype)
+    model = audio_stem(tower.in_dim, dim).to(device=device, dtype=dtype)
     x = torch.randn(batch, tokens, tower.in_dim, device=device, dtype=dtype, requires_grad=True)
     grad_out = torch.randn(batch, tokens, dim, device=device, dtype=dtype)
 

@@ -159,9 +159,12 @@ class ChannelLastConv1d(nn.Conv1d):
     and the stem's forward + backward runs 5-6x faster as a matmul (bench/audio_stem.py, one H100,
     bench/RESULTS.md); the windows cost 7x the stem's activations, a few MB."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         if (self.stride, self.dilation, self.groups, self.padding_mode) != ((1,), (1,), 1, "zeros") or isinstance(self.padding, str):
             raise ValueError(f"ChannelLastConv1d computes stride 1, dilation 1, one group, numeric zero padding: {self}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         (pad,), (kernel,) = self.padding, self.kernel_size
         windows = F.pad(x, (0, 0, pad, pad)).unfold(1, kernel, 1)          # [B, L', C, kernel]
         return F.linear(windows.flatten(2), self.weight.flatten(1), self.bias)
@@ -185,6 +188,13 @@ def conv_mlp_hidden(dim: int) -> int:
     """Ovi: int(2·4·dim/3) rounded up to a multiple of 256 (8192 for dim 3072)."""
     hidden = int(2 * 4 * dim / 3)
     return 256 * ((hidden + 255) // 256)
+
+
+def audio_stem(in_dim: int, dim: int) -> nn.Sequential:
+    """The audio tower's patch embedding: kernel-7 conv in_dim -> dim, SiLU, gated ConvMLP (Ovi's keys
+    patch_embedding.0 / .2.w1-3)."""
+    return nn.Sequential(ChannelLastConv1d(in_dim, dim, kernel_size=7, padding=3), nn.SiLU(),
+                         ConvMLP(dim, conv_mlp_hidden(dim)))
 
 
 class SelfAttention(nn.Module):

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from .config import TowerConfig
-from .layers import ChannelLastConv1d, ConvMLP, FusionBlock, Head, PatchEmbed3d, Rope, conv_mlp_hidden
+from .layers import FusionBlock, Head, PatchEmbed3d, Rope, audio_stem
 from .rope import rope_tables
 
 
@@ -43,11 +43,7 @@ class WanTower(nn.Module):
         if cfg.is_video:
             self.patch_embedding = PatchEmbed3d(cfg.in_dim, dim, cfg.patch_size)
         else:
-            self.patch_embedding = nn.Sequential(
-                ChannelLastConv1d(cfg.in_dim, dim, kernel_size=7, padding=3),
-                nn.SiLU(),
-                ConvMLP(dim, conv_mlp_hidden(dim)),
-            )
+            self.patch_embedding = audio_stem(cfg.in_dim, dim)
         self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
         self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
