@@ -140,12 +140,26 @@ def summarise(reports: dict, seeds: list[int], cfgs: list[float]) -> dict:
                          # where DMD starts: the fine-tuned model at 4 steps with guided_steps, else the teacher's
                          "init to t50": r.get("undistilled guided@4", r["undistilled@4"])["fd_ref_mean"],
                          "guided@50 to t50": r["guided@50"]["fd_ref_mean"] if "guided@50" in r else None,
+                         "guided@50 onset": r["guided@50"]["onset_agreement"] if "guided@50" in r else None,
                          "onset": {name: r[name]["onset_agreement"] for name in ONSET_SAMPLERS},
                          "snapshots": snapshots, "evaluator": evaluator, "run_criteria_ok": all(v["ok"] for v in report["criteria"].values()),
                          "failed_criteria": [k for k, v in report["criteria"].items() if not v["ok"]]})
         out["settings"][f"{c:g}"] = {"rows": rows, "missing_seeds": missing, "verdict": verdict(rows, c) if rows else {},
-                                     "judge_spread": judge_spread(rows), "evaluator": evaluator_agreement(rows)}
+                                     "judge_spread": judge_spread(rows), "evaluator": evaluator_agreement(rows),
+                                     "target": target_bound(rows, c)}
     return out
+
+
+def target_bound(rows: list[dict], cfg: float) -> dict | None:
+    """With guidance, DMD's target is the fine-tune's own samples (guided@50): the guided bar as a student
+    exactly at its target would score it, and the target's onset agreement. A student can beat its target
+    only through the regression term, so where this misses, stage 2 is what to improve."""
+    if cfg == 1 or not rows or any(row["guided@50 to t50"] is None for row in rows):
+        return None
+    col = lambda key: [row[key] for row in rows]
+    return {"mean_ratio": _ratio_of_means(col("guided@50 to t50"), col("teacher@4 to t50")),
+            "below_teacher4": sum(row["guided@50 to t50"] < row["teacher@4 to t50"] for row in rows),
+            "onset": {row["seed"]: row["guided@50 onset"] for row in rows}}
 
 
 # A/V onset agreement of the recipe's student beside teacher@50's, and a second teacher@50 draw's: how
@@ -243,6 +257,11 @@ def markdown(summary: dict) -> str:
             spread = setting["judge_spread"]
             lines.append(f"- the judge's spread: a second teacher@50 draw's FD to the truth is {spread['mean_ratio']:.3f}x "
                          f"the first's in the mean, up to {spread['largest_change']:.1%} off on one seed")
+        if setting.get("target"):
+            target = setting["target"]
+            onsets = ", ".join(f"{v:.2f}" for v in target["onset"].values())
+            lines.append(f"- DMD's target (guided@50) on the same bar: {target['mean_ratio']:.3f} in the mean, below teacher@4 on "
+                         f"{target['below_teacher4']} of {len(setting['rows'])} seeds; its onset agreement {onsets}")
         agreement = setting["evaluator"]
         for run in agreement["runs"]:
             lines.append(f"- evaluator (seed {run['seed']}): picks {run['picked']} at FD {run['picked_fd']:.3f}, "

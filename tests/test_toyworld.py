@@ -224,6 +224,12 @@ def test_sweep_table_reads_each_run_and_shows_the_onset_draws(tmp_path):
     # the judge's own spread: the second teacher@50 draw is 5.1 / 5.0 of the first against the truth
     assert row["teacher@50 again"] == 5.1 and setting["judge_spread"]["per_seed"] == [pytest.approx(1.02)]
     assert "| 7 | 5.000 | 5.100 | 9.000 |" in markdown(summary) and "up to 2.0% off on one seed" in markdown(summary)
+    assert setting["target"] is None and "DMD's target" not in markdown(summary)   # no fine-tune in this run
+    # with a fine-tune: the guided bar as a student exactly at its target would score it
+    guided = {**report, "results": {**results, "guided@50": sampler(5.3, 1.0, 0.45)}}
+    target = summarise({(7, 2.0): guided}, seeds=[7], cfgs=[2.0])["settings"]["2"]["target"]
+    assert target == {"mean_ratio": 0.5, "below_teacher4": 1, "onset": {7: 0.45}}
+    assert summarise({(7, 1.0): guided}, seeds=[7], cfgs=[1.0])["settings"]["1"]["target"] is None
     # --table-only: the same table from the runs already in OUT, nothing trained
     run_dir(tmp_path, 7, 2.0).mkdir()
     (run_dir(tmp_path, 7, 2.0) / "results.json").write_text(json.dumps(report))
