@@ -14,7 +14,8 @@ mean student FD to the truth <= 1.1x teacher@50's (worst seed <= 1.25x), below t
 seed and <= 0.8x it in the mean; with guidance, the FD to teacher@50's samples <= 0.5x teacher@4's
 in the mean and below it on every seed, and the FD to the truth <= 1.1x teacher@50's in the mean;
 in every setting each run's own `criteria` (modes, A/V onset, diversity, drift), and the judge's own
-spread (a second teacher@50 draw against the same truth). Writes
+spread (a second teacher@50 draw against the same truth); with guidance also DMD's target (the
+fine-tune's own 50-step samples) on the same bar. Writes
 OUT/sweep.json and OUT/sweep.md (`--table-only`: from the runs already in OUT, training nothing).
 """
 from __future__ import annotations
