@@ -24,7 +24,11 @@ def test_ovi_dmd_recipe_and_its_guided_finetune_agree(name):
     dmd = load_config(str(CONFIGS / f"{name}.yaml"), [ANY_FILE])
     guided = load_config(str(CONFIGS / f"{name}_guided.yaml"), [ANY_FILE])
     assert (dmd.objective, guided.objective) == ("dmd", "flow")
-    assert dmd.dmd.guidance == "samples" and dmd.dmd.regression_weight == 0 and dmd.data.pairs is None
+    assert dmd.dmd.guidance == "samples"
+    # the anchor on stage 1's pairs, which both stages take on the command line (the trainer refuses a
+    # weight without pairs): the same pairs, so the same guidance and modes as the fine-tune's
+    assert dmd.dmd.regression_weight == 0.1 and dmd.dmd.renoise == "implied"
+    assert dmd.data.pairs is None and guided.data.pairs is None
     assert dmd.model.variant == guided.model.variant
     for field in ("cfg_video", "cfg_audio", "slg_block"):   # the pairs' guidance, checked by the trainer
         assert getattr(dmd.dmd, field) == getattr(guided.dmd, field)
