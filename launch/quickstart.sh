@@ -45,10 +45,11 @@ python3 -m deepspeed.launcher.runner --num_gpus 2 distill/train.py --deepspeed d
     objective=flow data.pairs="$RUN/pairs" ema.enabled=false
 python3 distill/export.py --checkpoint "$RUN/guided" --out "$RUN/guided.safetensors" --raw
 
-echo "== 5/7 distill: DMD from the fine-tuned teacher (queried without CFG), three ZeRO-3 engines on 2 CPU ranks"
+echo "== 5/7 distill: DMD from the fine-tuned teacher (queried without CFG) with the anchor on the pairs, three ZeRO-3 engines on 2 CPU ranks"
 python3 -m deepspeed.launcher.runner --num_gpus 2 distill/train.py --deepspeed ds_configs/zero3_cpu.json \
     --config distill/configs/tiny.yaml --data "$RUN/data" --out "$RUN/run" --max-steps 10 --save-every 5 --resume \
-    model.checkpoint="$RUN/guided.safetensors" dmd.guidance=samples dmd.renoise=implied
+    model.checkpoint="$RUN/guided.safetensors" dmd.guidance=samples dmd.renoise=implied \
+    dmd.regression_weight=0.1 data.pairs="$RUN/pairs"
 
 echo "== 6/7 export the student (EMA, bf16, official key names)"
 python3 distill/export.py --checkpoint "$RUN/run" --out "$RUN/student.safetensors"
