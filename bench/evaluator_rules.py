@@ -28,6 +28,7 @@ from bench.toyworld_sweep import evaluator_agreement
 NOT_A_RULE = ("av_sync_student", "av_sync_teacher")
 # ratios to the teacher's: 1 is best, so a rule takes |log ratio|
 RATIOS = ("diversity_", "channel_std_ratio")
+LATEST = "latest snapshot (baseline)"
 
 
 def snapshot_rows(results_files: list[Path]) -> list[dict]:
@@ -38,9 +39,15 @@ def snapshot_rows(results_files: list[Path]) -> list[dict]:
         key = target_key(report["config"]["cfg"])
         snapshots = {name: r for name, r in report["results"].items() if name.startswith("student@4") and "evaluator" in r}
         rows.append({"run": str(path.parent), "seed": report["config"].get("seed"),
+                     "steps": {name: snapshot_step(name, report["config"]["dmd_steps"]) for name in snapshots},
                      "snapshots": {name: r[key] for name, r in snapshots.items()},
                      "metrics": {name: r["evaluator"] for name, r in snapshots.items()}})
     return rows
+
+
+def snapshot_step(name: str, recipe_steps: int) -> int:
+    """"student@4" is the recipe's step; the others are named "student@4, DMD step N"."""
+    return recipe_steps if name == "student@4" else int(name.rsplit(" ", 1)[1])
 
 
 def rule_value(metrics: dict[str, float], rule: str) -> float:
@@ -55,9 +62,10 @@ def rule_names(rows: list[dict]) -> list[str]:
 
 
 def agreement_per_rule(rows: list[dict]) -> dict[str, dict]:
-    return {rule: evaluator_agreement([{**row, "evaluator": {name: rule_value(m, rule) for name, m in row["metrics"].items()}}
-                                       for row in rows])
-            for rule in rule_names(rows)}
+    ranked_by = lambda value: evaluator_agreement([{**row, "evaluator": {name: value(row, name) for name in row["metrics"]}}
+                                                   for row in rows])
+    return {**{rule: ranked_by(lambda row, name, rule=rule: rule_value(row["metrics"][name], rule)) for rule in rule_names(rows)},
+            LATEST: ranked_by(lambda row, name: -row["steps"][name])}
 
 
 def markdown(agreement: dict[str, dict]) -> str:

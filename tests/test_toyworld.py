@@ -239,8 +239,9 @@ def test_sweep_table_reads_each_run_and_shows_the_onset_draws(tmp_path):
 
 def test_evaluator_rules_rank_snapshots_by_each_metric_against_the_judge(tmp_path, capsys):
     """bench/evaluator_rules.py: a metric that tracks the judge picks its best on every run (Spearman 1),
-    one that runs against it never does; ratios count by |log ratio|; runs without snapshots are skipped."""
-    from bench.evaluator_rules import main
+    one that runs against it never does; ratios count by |log ratio|; runs without snapshots are skipped;
+    the latest snapshot is the baseline beside them."""
+    from bench.evaluator_rules import LATEST, main
     for seed, judge in ((1, [0.9, 0.5, 0.7]), (2, [0.4, 0.8, 0.6])):
         names = ["student@4, DMD step 200", "student@4", "student@4, DMD step 600"]
         results = {name: {"fd_ref_mean": fd, "fd_mean": 9.0, "evaluator": {
@@ -249,17 +250,20 @@ def test_evaluator_rules_rank_snapshots_by_each_metric_against_the_judge(tmp_pat
                    for name, fd in zip(names, judge)}
         run = tmp_path / f"seed{seed}_cfg2"
         run.mkdir()
-        (run / "results.json").write_text(json.dumps({"config": {"cfg": 2.0, "seed": seed}, "results": results}))
+        (run / "results.json").write_text(json.dumps({"config": {"cfg": 2.0, "seed": seed, "dmd_steps": 400}, "results": results}))
     (tmp_path / "seed3_cfg2").mkdir()   # a run without snapshots
-    (tmp_path / "seed3_cfg2" / "results.json").write_text(json.dumps({"config": {"cfg": 2.0, "seed": 3}, "results": {
+    (tmp_path / "seed3_cfg2" / "results.json").write_text(json.dumps({"config": {"cfg": 2.0, "seed": 3, "dmd_steps": 400}, "results": {
         "student@4": {"fd_ref_mean": 0.5, "evaluator": {"score": 0.1}}}}))
     out = tmp_path / "rules.json"
     assert main([str(tmp_path), "--json", str(out)]) == 0
     rules = json.loads(out.read_text())["rules"]
-    assert set(rules) == {"score", "fd_video", "diversity_audio"}   # one-sided metrics are not rules
+    assert set(rules) == {"score", "fd_video", "diversity_audio", LATEST}   # one-sided metrics are not rules
     for rule in ("fd_video", "diversity_audio"):
         assert all(r["within_5pct"] for r in rules[rule]["runs"]) and rules[rule]["mean_spearman"] == pytest.approx(1.0)
     assert not any(r["within_5pct"] for r in rules["score"]["runs"]) and rules["score"]["mean_spearman"] == pytest.approx(-1.0)
+    # the latest snapshot (step 600) is the judge's best on neither run; its ranking by step: 0.5 and -0.5
+    assert [r["picked"] for r in rules[LATEST]["runs"]] == ["student@4, DMD step 600"] * 2
+    assert [r["spearman"] for r in rules[LATEST]["runs"]] == pytest.approx([0.5, -0.5])
     assert "| fd_video | 2 of 2 | 1.00 |" in capsys.readouterr().out
     assert main([str(tmp_path / "seed3_cfg2")]) == 2
 
