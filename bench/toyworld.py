@@ -1,7 +1,7 @@
 """An audio-video world with a known distribution, and the whole distillation pipeline against it:
 
     python bench/toyworld.py --size ci  --out /tmp/toyworld     # CPU: ~10 min on 2 shared cores
-    python bench/toyworld.py --size gpu --out /tmp/toyworld     # 1 GPU, ~6.5 min (fp32, ds_configs/zero3.json)
+    python bench/toyworld.py --size gpu --out /tmp/toyworld     # 1 GPU, ~40 min (projected: stage 2, 6,400 steps, ~29 on an H100; fp32, ds_configs/zero3.json)
     python bench/toyworld.py --size gpu --out /tmp/tw --set cfg=1.5 world.spots=1   # any field of the size or world
     python bench/toyworld.py --size gpu --out /tmp/tw2 --teacher /tmp/tw/teacher.safetensors  # DMD only, that teacher
 
@@ -51,7 +51,7 @@ Spots: the object sits at one of `spots` places of its class (4 by default), so 
 multimodal and a 4-step solver blends it. With one spot, UniPC at 4 steps was as good as at 50 on
 this world (FD 1.16 vs 0.99, plain training loop), and teacher@4 was no baseline.
 
-Last measured (2026-11-30, bench/RESULTS.md has the runs and the history):
+First measured (2026-11-30, before guided DMD's stages; bench/RESULTS.md has the runs and the history):
 
 --size gpu, one H200, 6.5 min end to end (the defaults; toyworld_gpu_h200_v7_400_fp32.json):
 teacher@50 FD 0.865 (truth floor 0.036), teacher@4 1.636, undistilled@4 3.902, student@4 0.931 /
@@ -393,12 +393,16 @@ SIZES = {
     # teacher@4 on every seed. The students still miss the guided bars there (session 21's table), and
     # with the anchor (regression_weight 0.1, as the ci size; fresh seeds 231-233, session 22) at CFG 2,
     # bounded by the fine-tune's own samples, which are no nearer teacher@50's than teacher@4 on 2 of 3
-    # seeds; no run drifted there.
+    # seeds; no run drifted there. So stage 2 runs 6,400 steps (400 passes), by a rule written before
+    # its runs (sessions 23-24, CFG 2, CPU): on both fresh seeds 241-242 the student at DMD step 800 sat
+    # nearer teacher@50's samples than with 1,600 steps (0.360 vs 0.492, 0.354 vs 0.581: 0.14x / 0.26x
+    # teacher@4's distance against 0.19x / 0.42x), at the same mean distance to the truth (1.22x vs
+    # 1.21x teacher@50's). It costs ~29 min of stage 2 per run on one H100 (host-bound, ~3.7 it/s).
     "gpu": SizeConfig(world=WorldConfig(num_classes=3), train_per_class=2048, eval_per_class=256, truth_per_class=4000,
                       flow_steps=800, dmd_steps=800, batch_size=128, flow_lr=2e-3, generator_lr=1.2e-4, critic_lr=1.6e-3,
                       critic_ratio=10, cfg=1.0, ranks=1, ds_config="ds_configs/zero3.json", student_sigmas=UNIFORM_SIGMAS, fp32=True,
                       dmd_snapshots=2, renoise="implied", video_lr_scale=4.0, audio_lr_scale=0.25, pairs=2048,
-                      regression_weight=0.1, guided_steps=1600, guided_lr=5e-4, generator_lr_min_ratio=0.02,
+                      regression_weight=0.1, guided_steps=6400, guided_lr=5e-4, generator_lr_min_ratio=0.02,
                       extra_flow=("model.compile_elementwise=false",), extra_dmd=("model.compile_elementwise=false",)),
 }
 
