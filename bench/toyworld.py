@@ -397,7 +397,9 @@ SIZES = {
     # its runs (sessions 23-24, CFG 2, CPU): on both fresh seeds 241-242 the student at DMD step 800 sat
     # nearer teacher@50's samples than with 1,600 steps (0.360 vs 0.492, 0.354 vs 0.581: 0.14x / 0.26x
     # teacher@4's distance against 0.19x / 0.42x), at the same mean distance to the truth (1.22x vs
-    # 1.21x teacher@50's). It costs ~29 min of stage 2 per run on one H100 (host-bound, ~3.7 it/s).
+    # 1.21x teacher@50's). On seed 243, held out, its target reached the judge's floor and the student
+    # only teacher@4's distance (1.00x) by step 800. It costs ~29 min of stage 2 per run on one H100
+    # (host-bound, ~3.7 it/s).
     "gpu": SizeConfig(world=WorldConfig(num_classes=3), train_per_class=2048, eval_per_class=256, truth_per_class=4000,
                       flow_steps=800, dmd_steps=800, batch_size=128, flow_lr=2e-3, generator_lr=1.2e-4, critic_lr=1.6e-3,
                       critic_ratio=10, cfg=1.0, ranks=1, ds_config="ds_configs/zero3.json", student_sigmas=UNIFORM_SIGMAS, fp32=True,
