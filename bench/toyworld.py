@@ -301,6 +301,9 @@ class SizeConfig:
     # session 12).
     guided_steps: int = 0
     guided_lr: float = 5e-4
+    # the span of both rates' decay, in DMD steps (None: dmd_steps); shorter than dmd_steps, the rest of
+    # the run holds the floors: how session 25's students at twice the steps were trained
+    lr_decay_steps: int | None = None
 
     def __post_init__(self) -> None:
         # before the teacher trains, not after
@@ -311,6 +314,8 @@ class SizeConfig:
                              "the snapshots are checkpoints saved every dmd_steps / dmd_snapshots steps")
         if self.drift_factor < 1:
             raise ValueError(f"drift_factor must be >= 1, got {self.drift_factor}")
+        if self.lr_decay_steps is not None and not 1 <= self.lr_decay_steps <= self.dmd_steps:
+            raise ValueError(f"lr_decay_steps must be None or in [1, dmd_steps={self.dmd_steps}], got {self.lr_decay_steps}")
 
     @property
     def generator_floor(self) -> float:
@@ -537,22 +542,28 @@ def _slg(size: SizeConfig) -> str:
     return "null" if size.slg_block is None else str(size.slg_block)
 
 
+def dmd_overrides(size: SizeConfig, teacher: Path, pairs: Path | None, guidance: str) -> list[str]:
+    """distill/train.py's overrides for the DMD stage of `size`, from `teacher` (and its pairs, if any)."""
+    return ["objective=dmd", f"model.checkpoint={teacher}", f"generator_optim.lr={size.generator_lr}",
+            f"generator_optim.lr_scale_video={size.video_lr_scale}", f"generator_optim.lr_scale_audio={size.audio_lr_scale}",
+            f"critic_optim.lr={size.critic_lr}", f"dmd.critic_ratio={size.critic_ratio}", f"dmd.guidance={guidance}",
+            f"dmd.cfg_video={size.cfg}", f"dmd.cfg_audio={size.cfg}", f"dmd.slg_block={_slg(size)}", f"dmd.renoise={size.renoise}",
+            "ema.decay=0.95", f"ema.start_step={size.dmd_steps // 2}",
+            *([f"dmd.student_sigmas=[{','.join(map(str, size.student_sigmas))}]"] if size.student_sigmas else []),
+            f"keep_checkpoints={size.dmd_snapshots * size.drift_factor}",
+            *(f"{optim}.schedule.{key}={value}" for optim, floor in (("generator_optim", size.generator_floor),
+                                                                      ("critic_optim", size.lr_min_ratio))
+              for key, value in (("decay", size.lr_decay), ("decay_steps", size.lr_decay_steps or size.dmd_steps),
+                                 ("min_ratio", floor))),
+            *([f"dmd.regression_weight={size.regression_weight}", f"data.pairs={pairs}"] if pairs else []),
+            *size.extra_dmd]
+
+
 def train_student(data: Path, out: Path, size: SizeConfig, teacher: Path, pairs: Path | None = None,
                   guidance: str = "score") -> dict[int, Path]:
     """DMD from the exported teacher (and its pairs, if any); the exported students {DMD step: file}
     (the recipe's step is the result). guidance: dmd.guidance ("samples": a fine-tuned teacher)."""
-    dmd = ["objective=dmd", f"model.checkpoint={teacher}", f"generator_optim.lr={size.generator_lr}",
-           f"generator_optim.lr_scale_video={size.video_lr_scale}", f"generator_optim.lr_scale_audio={size.audio_lr_scale}",
-           f"critic_optim.lr={size.critic_lr}", f"dmd.critic_ratio={size.critic_ratio}", f"dmd.guidance={guidance}",
-           f"dmd.cfg_video={size.cfg}", f"dmd.cfg_audio={size.cfg}", f"dmd.slg_block={_slg(size)}", f"dmd.renoise={size.renoise}",
-           "ema.decay=0.95", f"ema.start_step={size.dmd_steps // 2}",
-           *([f"dmd.student_sigmas=[{','.join(map(str, size.student_sigmas))}]"] if size.student_sigmas else []),
-           f"keep_checkpoints={size.dmd_snapshots * size.drift_factor}",
-           *(f"{optim}.schedule.{key}={value}" for optim, floor in (("generator_optim", size.generator_floor),
-                                                                     ("critic_optim", size.lr_min_ratio))
-             for key, value in (("decay", size.lr_decay), ("decay_steps", size.dmd_steps), ("min_ratio", floor))),
-           *([f"dmd.regression_weight={size.regression_weight}", f"data.pairs={pairs}"] if pairs else []),
-           *size.extra_dmd]
+    dmd = dmd_overrides(size, teacher, pairs, guidance)
     every = size.dmd_steps // size.dmd_snapshots
     train(data, out / "student_run", size, size.train_steps, dmd, out / "student_train.log", save_every=every)
     steps = range(every, size.train_steps + 1, every)  # the checkpoints train() saved

@@ -301,6 +301,25 @@ def test_size_overrides_parse_literals_and_reject_unknown_fields():
         tw.with_overrides(tw.SIZES["gpu"], ["dmd_steps=400", "dmd_snapshots=3"])
 
 
+
+def test_the_decay_span_reaches_the_trainer_and_the_floor_holds_after_it(tmp_path):
+    # session 25's students at twice the steps decayed over the first dmd_steps and held the floors
+    # after; lr_decay_steps trains that schedule as a recipe of its own (dmd_steps=1600, decay 800)
+    from distill.config import load_config
+    from distill.schedules import lr_factor
+    teacher = tmp_path / "teacher.safetensors"
+    teacher.touch()  # the config checks that the file is there; nothing loads it
+    size = tw.with_overrides(tw.SIZES["gpu"], ["dmd_steps=1600", "lr_decay_steps=800"])
+    cfg = load_config("distill/configs/tiny.yaml", tw.dmd_overrides(size, teacher, None, "samples"))
+    for optim, floor in ((cfg.generator_optim, size.generator_floor), (cfg.critic_optim, size.lr_min_ratio)):
+        assert optim.schedule.decay_steps == 800
+        assert lr_factor(optim.schedule, 400, size.train_steps) == pytest.approx((1 + floor) / 2)
+        assert lr_factor(optim.schedule, 800, size.train_steps) == lr_factor(optim.schedule, 1599, size.train_steps) == pytest.approx(floor)
+    default = load_config("distill/configs/tiny.yaml", tw.dmd_overrides(tw.SIZES["gpu"], teacher, None, "samples"))
+    assert default.generator_optim.schedule.decay_steps == tw.SIZES["gpu"].dmd_steps  # None: over dmd_steps
+    with pytest.raises(SystemExit, match="lr_decay_steps must be None or in"):
+        tw.with_overrides(tw.SIZES["gpu"], ["lr_decay_steps=1601", "dmd_steps=1600"])
+
 # -- the CI gate: the whole pipeline at --size ci ----------------------------------------------
 
 def test_ci_size_guided_student_beats_the_teacher_at_four_steps(tmp_path):
