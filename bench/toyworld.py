@@ -676,18 +676,39 @@ class Standardiser:
         return (f - self.mean) / self.std
 
 
+def truth_features(world: WorldConfig, truth_per_class: int, seed: int) -> tuple[dict[int, np.ndarray], Standardiser]:
+    """The truth's features per class (fresh world draws, seed + k) and the standardiser they pool into."""
+    truth = {k: sample_world(world, np.full(truth_per_class, k), seed + k) for k in range(world.num_classes)}
+    truth_f = {k: features(t["video"], t["audio"], world.num_classes) for k, t in truth.items()}
+    pooled = np.concatenate(list(truth_f.values()))
+    return truth_f, Standardiser(pooled.mean(0), pooled.std(0) + 1e-8)
+
+
+def fd_to_truth_terms(samples: dict[str, dict[int, dict]], world: WorldConfig, truth_per_class: int,
+                      seed: int = 12345) -> dict[str, dict]:
+    """Each sampler's FD to the truth (evaluate's fd_mean, same draw and units) split, in the class
+    mean, into the mean term of every feature and the covariance term: which features a distance is."""
+    truth_f, std = truth_features(world, truth_per_class, seed)
+    names = [*FEATURE_NAMES, *(f"tone_{k}" for k in range(world.num_classes))]
+    out = {}
+    for name, per_class in samples.items():
+        terms = [tm.frechet_terms(std(features(per_class[k]["video"], per_class[k]["audio"], world.num_classes)), std(truth_f[k]))
+                 for k in range(world.num_classes)]
+        mean_terms = np.mean([m for m, _ in terms], axis=0)
+        out[name] = {"mean_terms": dict(zip(names, mean_terms.round(4).tolist())),
+                     "covariance_term": float(np.mean([c for _, c in terms]))}
+    return out
+
+
 def evaluate(samples: dict[str, dict[int, dict]], world: WorldConfig, truth_per_class: int,
              seed: int = 12345, onset_tolerance: float = 1.0) -> dict[str, dict]:
     """Metrics of every sampler (and of a second, independent truth draw as the floor). Each Fréchet
     distance is on the same standardised features: to the truth (fd_*) and, where the samples hold
     teacher@50, to teacher@50's own samples (fd_ref_*: what a guided student should match)."""
     k_range = range(world.num_classes)
-    truth = {k: sample_world(world, np.full(truth_per_class, k), seed + k) for k in k_range}
+    truth_f, std = truth_features(world, truth_per_class, seed)
     n_eval = len(next(iter(samples.values()))[0]["video"])
     floor = {k: sample_world(world, np.full(n_eval, k), seed + 100 + k) for k in k_range}
-    truth_f = {k: features(t["video"], t["audio"], world.num_classes) for k, t in truth.items()}
-    pooled = np.concatenate(list(truth_f.values()))
-    std = Standardiser(pooled.mean(0), pooled.std(0) + 1e-8)
     truth_z = {k: std(f) for k, f in truth_f.items()}
     modes = np.stack([truth_z[k].mean(0) for k in k_range])
 

@@ -34,6 +34,15 @@ def frechet_distance(features: np.ndarray, reference: np.ndarray) -> float:
     return frechet_distance_gaussians(*gaussian_fit(features), *gaussian_fit(reference))
 
 
+def frechet_terms(features: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, float]:
+    """The Fréchet distance split: the mean term per feature ((mu1 - mu2)² [D]) and the covariance
+    term (the rest); they sum to frechet_distance. Which features a distance is made of."""
+    mu1, cov1 = gaussian_fit(features)
+    mu2, cov2 = gaussian_fit(reference)
+    mean_terms = (mu1 - mu2) ** 2
+    return mean_terms, frechet_distance_gaussians(mu1, cov1, mu2, cov2) - float(mean_terms.sum())
+
+
 def nearest_mode(features: np.ndarray, modes: np.ndarray) -> np.ndarray:
     """Index of the nearest mode (Euclidean) for each row of features [N, D]; modes [K, D]."""
     d = ((np.asarray(features)[:, None, :] - np.asarray(modes)[None, :, :]) ** 2).sum(-1)

@@ -14,7 +14,8 @@ other noise (the distribution alone), to the fine-tune's own 50-step samples (gu
 distribution DMD aims at) and to the truth. Session 14 found the drift of issue 16
 this way (bench/results/dmd_drift_ablation_cpu_s14.json). --measure does the same for the run's own
 samplers from its samples.pt (OUT/measure.json): where its students went, relative to DMD's target.
---measure and --fine-tune also give stage 2's gap closed: how far the fine-tune's samples came from
+--measure also splits every sampler's FD to the truth into each feature's mean term and the
+covariance term (which features a distance is made of). --measure and --fine-tune also give stage 2's gap closed: how far the fine-tune's samples came from
 the teacher without guidance to teacher@50's, by the judge and by distill/evaluate.py's gap_closed.
 """
 from __future__ import annotations
@@ -130,6 +131,7 @@ def measure(run: Path, out: Path, device: torch.device) -> dict:
         raise SystemExit(f"{saved}: no {FINE_TUNE} samples: not a guided run (guided_steps > 0)")
     load = lambda path: tw.load_model(path, size.num_layers, device)
     result = {"run": str(run), "distances": distances(samples, size),
+              "fd_to_truth_terms": tw.fd_to_truth_terms(samples, size.world, size.truth_per_class, seed=size.seeded(12345)),
               "stage2": stage2_gap(load(run_teacher(run, report)),
                                   {FINE_TUNE: tw.sample_fine_tune(load(run / "guided.safetensors"), size, device)}, size, device)}
     out.mkdir(parents=True, exist_ok=True)
@@ -163,6 +165,10 @@ def main(argv=None) -> int:
     print(" " * 28 + " ".join(f"{k:>11s}" for k in KEEP))
     for name, d in result["distances"].items():
         print(f"{name:28s}" + " ".join(f"{d[k]:11.3f}" for k in KEEP))
+    for name, split in result.get("fd_to_truth_terms", {}).items():
+        top = sorted(split["mean_terms"].items(), key=lambda kv: -kv[1])[:3]
+        print(f"FD to the truth, {name}: mean {sum(split['mean_terms'].values()):.3f} (" + ", ".join(f"{k} {v:.3f}" for k, v in top)
+              + f") + covariance {split['covariance_term']:.3f}")
     for name, gap in result.get("stage2", {}).items():
         if isinstance(gap, dict):
             print(f"stage 2, {name}: gap closed {gap['judge_gap_closed']:.2f} by the judge, "

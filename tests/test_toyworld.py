@@ -41,6 +41,25 @@ def test_frechet_distance_from_samples_converges_to_the_mean_shift():
     assert tm.frechet_distance(x, y) == pytest.approx(5.0, abs=0.1)
 
 
+
+def test_frechet_terms_split_the_distance_into_each_features_mean_and_the_covariance():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((20_000, 3)) * np.array([1.0, 1.0, 2.0])  # feature 2: twice the spread
+    y = rng.standard_normal((20_000, 3)) + np.array([0.0, 1.5, 0.0])   # feature 1: shifted by 1.5
+    mean_terms, covariance = tm.frechet_terms(x, y)
+    assert mean_terms.sum() + covariance == pytest.approx(tm.frechet_distance(x, y), abs=1e-9)
+    assert mean_terms == pytest.approx([0.0, 2.25, 0.0], abs=0.05)
+    assert covariance == pytest.approx((2.0 - 1.0) ** 2, abs=0.05)
+
+
+def test_fd_to_truth_terms_sum_to_evaluates_fd():
+    world = tw.WorldConfig(num_classes=2)
+    samples = {"a draw": {k: tw.sample_world(world, np.full(64, k), 700 + k) for k in range(2)}}
+    split = tw.fd_to_truth_terms(samples, world, truth_per_class=200, seed=5)["a draw"]
+    total = sum(split["mean_terms"].values()) + split["covariance_term"]
+    assert total == pytest.approx(tw.evaluate(samples, world, 200, seed=5)["a draw"]["fd_mean"], abs=1e-3)
+    assert set(split["mean_terms"]) == {*tw.FEATURE_NAMES, "tone_0", "tone_1"}
+
 def test_mean_pairwise_distance_of_a_gaussian():
     # x - y ~ N(0, 2σ²I₂): E|x - y| = σ·√π in two dimensions
     sigma = 0.5
