@@ -424,6 +424,8 @@ def test_ci_size_guided_student_beats_the_teacher_at_four_steps(tmp_path):
     assert own[tw.REFERENCE_FLOOR]["to_t50_other_noise"] == pytest.approx(0.0, abs=1e-6)
     assert own[tw.REFERENCE_FLOOR]["to_t50"] == pytest.approx(again["results"][tw.REFERENCE_FLOOR]["fd_ref_mean"], rel=1e-6)
     assert own["student@4"]["to_t50_other_noise"] > 0
+    split = measured["fd_to_truth_terms"]["student@4"]  # which features the distance to the truth is
+    assert sum(split["mean_terms"].values()) + split["covariance_term"] == pytest.approx(own["student@4"]["to_truth"], abs=1e-3)
     # stage 2's gap: the fine-tune's distance to teacher@50's samples over its start's (the teacher
     # sampled without guidance), by the judge and by the evaluator's score
     gap = measured["stage2"]
