@@ -60,17 +60,19 @@ def stage2_gap(teacher, fine_tunes: dict[str, dict], size: tw.SizeConfig, device
     """How far each fine-tune's samples ({name: tw.sample_fine_tune's whole samples}: samples.pt keeps
     features only) came from stage 2's start (the teacher without guidance) to teacher@50's guided
     samples: by the judge (its FD to teacher@50's samples) and by distill/evaluate.py's gap_closed on
-    its latent score (what a user sees on real weights); 1 = at teacher@50's samples, 0 = where it started."""
+    its latent score (what a user sees on real weights); 1 = at teacher@50's samples, 0 = where it started.
+    Without guidance (cfg 1) the start is teacher@50's samples themselves: no gap, so None."""
     from distill.evaluate import gap_closed
     samples = {tw.REFERENCE: tw.sample_at_50(teacher, size, device, guidance=True),
                START: tw.sample_at_50(teacher, size, device, guidance=False), **fine_tunes}
     judged = tw.evaluate(samples, size.world, size.truth_per_class, seed=size.seeded(12345))
     scored = tw.evaluator_metrics(samples)
     start_fd, start_score = judged[START]["fd_ref_mean"], scored[START]["score"]
+    guided = size.cfg > 1
     return {"start_to_t50": start_fd, "start_score": start_score,
             **{name: {"to_t50": judged[name]["fd_ref_mean"], "score": scored[name]["score"],
-                      "judge_gap_closed": 1.0 - judged[name]["fd_ref_mean"] / start_fd,
-                      "evaluator_gap_closed": gap_closed(scored[name]["score"], start_score)}
+                      "judge_gap_closed": 1.0 - judged[name]["fd_ref_mean"] / start_fd if guided else None,
+                      "evaluator_gap_closed": gap_closed(scored[name]["score"], start_score) if guided else None}
                for name in fine_tunes}}
 
 
@@ -170,7 +172,9 @@ def main(argv=None) -> int:
         print(f"FD to the truth, {name}: mean {sum(split['mean_terms'].values()):.3f} (" + ", ".join(f"{k} {v:.3f}" for k, v in top)
               + f") + covariance {split['covariance_term']:.3f}")
     for name, gap in result.get("stage2", {}).items():
-        if isinstance(gap, dict):
+        if isinstance(gap, dict) and gap["judge_gap_closed"] is None:
+            print(f"stage 2, {name}: no gap to close at CFG 1 (its start is teacher@50's samples)")
+        elif isinstance(gap, dict):
             print(f"stage 2, {name}: gap closed {gap['judge_gap_closed']:.2f} by the judge, "
                   f"{gap['evaluator_gap_closed']:.2f} by distill/evaluate.py's score")
     return 0
