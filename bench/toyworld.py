@@ -6,9 +6,9 @@
     python bench/toyworld.py --size gpu --out /tmp/tw2 --teacher /tmp/tw/teacher.safetensors  # DMD only, that teacher
 
 shards (precompute/shards.py) -> tiny OviFusion teacher (`objective: flow`, distill/train.py)
--> with guided_steps: teacher pairs (distill/pairs.py, CFG + SLG when cfg > 1) and the teacher fine-tuned
-on them (`objective: flow`, data.pairs) -> DMD to 4 steps (distill/train.py, model.checkpoint = the
-exported teacher, or the fine-tune with dmd.guidance=samples) -> teacher@50 (CFG), teacher@4 (same
+-> with guided_steps (at CFG 1 only with fine_tune_at_cfg1): teacher pairs (distill/pairs.py, CFG + SLG
+when cfg > 1) and the teacher fine-tuned on them (`objective: flow`, data.pairs) -> DMD to 4 steps
+(distill/train.py, model.checkpoint = the exported teacher, or the fine-tune with dmd.guidance=samples) -> teacher@50 (CFG), teacher@4 (same
 UniPC solver, shift and CFG), undistilled@4 (the student's 4-step sampler with the teacher's
 weights), guided@50 / undistilled guided@4 (the fine-tune's own samples, where DMD starts), and
 student@4, sampled in-process with distill/sampling.py -> per-class Fréchet distance (to the truth
@@ -301,6 +301,9 @@ class SizeConfig:
     # session 12).
     guided_steps: int = 0
     guided_lr: float = 5e-4
+    # stage 2 at CFG 1 too (on the teacher's unguided samples); False: only where there is guidance
+    # to bake in, and at CFG 1 DMD runs against the teacher itself (with the anchor on its own pairs)
+    fine_tune_at_cfg1: bool = True
     # the span of both rates' decay, in DMD steps (None: dmd_steps); shorter than dmd_steps, the rest of
     # the run holds the floors: how session 25's students at twice the steps were trained
     lr_decay_steps: int | None = None
@@ -320,6 +323,10 @@ class SizeConfig:
     @property
     def generator_floor(self) -> float:
         return self.lr_min_ratio if self.generator_lr_min_ratio is None else self.generator_lr_min_ratio
+
+    @property
+    def runs_stage2(self) -> bool:
+        return self.guided_steps > 0 and (self.cfg > 1 or self.fine_tune_at_cfg1)
 
     @property
     def train_steps(self) -> int:
@@ -404,12 +411,17 @@ SIZES = {
     # teacher@4's distance against 0.19x / 0.42x), at the same mean distance to the truth (1.22x vs
     # 1.21x teacher@50's). On seed 243, held out, its target reached the judge's floor and the student
     # only teacher@4's distance (1.00x) by step 800. It costs ~29 min of stage 2 per run on one H100
-    # (host-bound, ~3.7 it/s).
+    # (host-bound, ~3.7 it/s). At CFG 1 no stage 2 (fine_tune_at_cfg1=False, session 25): there the
+    # fine-tune's samples sat 1.21-1.42x teacher@50's distance from the truth and its students 1.58-1.64x
+    # (seed 243, stage 2 1,600 / 6,400 steps), while DMD against the teacher itself with the anchor met
+    # every CFG 1 FD bar on 241-243 (one H100) and, by a rule written before their runs, on fresh seeds
+    # 244-246 (CPU): 0.97x teacher@50's distance to the truth in the mean, worst 1.16x, 0.50x teacher@4.
     "gpu": SizeConfig(world=WorldConfig(num_classes=3), train_per_class=2048, eval_per_class=256, truth_per_class=4000,
                       flow_steps=800, dmd_steps=800, batch_size=128, flow_lr=2e-3, generator_lr=1.2e-4, critic_lr=1.6e-3,
                       critic_ratio=10, cfg=1.0, ranks=1, ds_config="ds_configs/zero3.json", student_sigmas=UNIFORM_SIGMAS, fp32=True,
                       dmd_snapshots=2, renoise="implied", video_lr_scale=4.0, audio_lr_scale=0.25, pairs=2048,
-                      regression_weight=0.1, guided_steps=6400, guided_lr=5e-4, generator_lr_min_ratio=0.02,
+                      regression_weight=0.1, guided_steps=6400, guided_lr=5e-4, fine_tune_at_cfg1=False,
+                      generator_lr_min_ratio=0.02,
                       extra_flow=("model.compile_elementwise=false",), extra_dmd=("model.compile_elementwise=false",)),
 }
 
@@ -845,7 +857,7 @@ def run(size_name: str, out: Path, size: SizeConfig | None = None, teacher: Path
     if teacher_only:
         return {"size": size_name, "config": asdict(size), "teacher": str(teacher_path),
                 "timings": {**timings, "train_s": time.perf_counter() - t0}}
-    guided_target = size.guided_steps > 0
+    guided_target = size.runs_stage2
     pairs = make_pairs(out / "data", out, size, teacher_path) if size.regression_weight or guided_target else None
     guided = guided_finetune(out / "data", pairs, out, size, teacher_path) if guided_target else None
     anchor = pairs if size.regression_weight else None

@@ -339,6 +339,15 @@ def test_the_decay_span_reaches_the_trainer_and_the_floor_holds_after_it(tmp_pat
     with pytest.raises(SystemExit, match="lr_decay_steps must be None or in"):
         tw.with_overrides(tw.SIZES["gpu"], ["lr_decay_steps=1601", "dmd_steps=1600"])
 
+
+def test_stage_2_runs_where_there_is_guidance_and_at_cfg1_only_where_the_size_says():
+    # the gpu size skips stage 2 without guidance (session 25: DMD against the teacher itself met CFG 1's
+    # bars there, its fine-tunes' students did not); the ci size keeps it at every CFG
+    gpu, ci = tw.SIZES["gpu"], tw.SIZES["ci"]
+    assert [tw.with_overrides(gpu, [f"cfg={c}"]).runs_stage2 for c in (1.0, 2.0, 3.0)] == [False, True, True]
+    assert [tw.with_overrides(ci, [f"cfg={c}"]).runs_stage2 for c in (1.0, 2.0)] == [True, True]
+    assert not tw.with_overrides(gpu, ["cfg=2.0", "guided_steps=0"]).runs_stage2
+
 # -- the CI gate: the whole pipeline at --size ci ----------------------------------------------
 
 def test_ci_size_guided_student_beats_the_teacher_at_four_steps(tmp_path):
