@@ -9,8 +9,8 @@ shards (precompute/shards.py) -> tiny OviFusion teacher (`objective: flow`, dist
 -> with guided_steps (at CFG 1 only with fine_tune_at_cfg1): teacher pairs (distill/pairs.py, CFG + SLG
 when cfg > 1) and the teacher fine-tuned on them (`objective: flow`, data.pairs) -> DMD to 4 steps
 (distill/train.py, model.checkpoint = the exported teacher, or the fine-tune with dmd.guidance=samples)
--> teacher@50 (CFG), teacher@4 (same UniPC solver, shift and CFG), undistilled@4 (the student's 4-step sampler with the teacher's
-weights), guided@50 / undistilled guided@4 (the fine-tune's own samples, where DMD starts), and
+-> teacher@50 (CFG), teacher@4 (same UniPC solver, shift and CFG), undistilled@4 (the student's 4-step
+sampler with the teacher's weights), guided@50 / undistilled guided@4 (the fine-tune's own samples, where DMD starts), and
 student@4, sampled in-process with distill/sampling.py -> per-class Fréchet distance (to the truth
 and to teacher@50's samples), mode coverage, audio-visual onset agreement and diversity against
 fresh draws from the world itself. Prints one markdown table; writes OUT/results.json and
