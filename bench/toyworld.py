@@ -298,7 +298,7 @@ class SizeConfig:
     # samples' score) and the generator's and fake score's start. Not only under guidance: a
     # teacher's score is not exactly its own samples' score, and at CFG 1 DMD against the teacher
     # itself (guided_steps=0) moved away from teacher@50's samples (bench/RESULTS.md, "Guided DMD",
-    # session 12).
+    # session 12; without the anchor: with it, at the gpu size, it met CFG 1's bars, session 25).
     guided_steps: int = 0
     guided_lr: float = 5e-4
     # stage 2 at CFG 1 too (on the teacher's unguided samples); False: only where there is guidance
