@@ -240,6 +240,13 @@ def features(video: torch.Tensor, audio: torch.Tensor, num_classes: int) -> np.n
 
 
 FEATURE_NAMES = ("row", "col", "event", "onset", "video_peak", "audio_peak")
+
+
+def feature_names(num_classes: int) -> list[str]:
+    """Every column of `features`: the named ones, then one tone level per class."""
+    return [*FEATURE_NAMES, *(f"tone_{k}" for k in range(num_classes))]
+
+
 EVENT, ONSET = 2, 3
 
 
@@ -701,7 +708,7 @@ def fd_to_truth_terms(samples: dict[str, dict[int, dict]], world: WorldConfig, t
     """Each sampler's FD to the truth (evaluate's fd_mean, same draw and units) split, in the class
     mean, into the mean term of every feature and the covariance term: which features a distance is."""
     truth_f, std = truth_features(world, truth_per_class, seed)
-    names = [*FEATURE_NAMES, *(f"tone_{k}" for k in range(world.num_classes))]
+    names = feature_names(world.num_classes)
     out = {}
     for name, per_class in samples.items():
         terms = [tm.frechet_terms(std(features(per_class[k]["video"], per_class[k]["audio"], world.num_classes)), std(truth_f[k]))
@@ -885,7 +892,7 @@ def judge_students(size_name: str, out: Path, size: SizeConfig, teacher_path: Pa
     for name, metrics in evaluator_metrics(samples).items():
         results[name]["evaluator"] = metrics
     table = markdown_table(results)
-    names = [*FEATURE_NAMES, *(f"tone_{k}" for k in range(size.world.num_classes))]
+    names = feature_names(size.world.num_classes)
     report = {"size": size_name, "config": asdict(size), "feature_names": names, "results": results, "timings": timings,
               "device": str(device), "table": table, "criteria": criteria(results, size.cfg, size.dmd_steps),
               "teacher": teacher}
